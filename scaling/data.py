@@ -1,0 +1,398 @@
+"""Image-classification data sets as in-memory uint8 arrays, for scaling studies.
+
+`load(source, image_size)` returns a `Dataset` whose images are RGB uint8 of shape
+(N, image_size, image_size, 3). Sources:
+
+- ``digits``: scikit-learn's bundled 8x8 digits, grey replicated to RGB and resized.
+- ``folder:PATH``: an image-folder tree ``PATH/<split>/<class>/*.{jpg,jpeg,png}``, or a
+  ``.tar``/``.tar.gz``/``.tgz`` archive holding one (possibly under a single top-level directory;
+  members are read straight from the archive, never extracted). Splits: ``train``, and ``test``,
+  else ``val``, else ``validation``. Classes are the sorted class directories of ``train``.
+  Decoded arrays are cached in `cache_directory()` under a key hashed from the content (the
+  archive's bytes, or every image's relative path and bytes), the image size and a format
+  version; cache files are written atomically.
+- ``tfds:NAME``: a TensorFlow Datasets builder read through its random-access data source (no
+  TensorFlow needed; the data must already be prepared in array_record format).
+- ``synthetic``: seeded random images whose class sets the mean colour, for throughput tests.
+
+Every image is resized bilinearly to image_size x image_size (no aspect-preserving crop).
+
+A source without a test split gets a stratified ``holdout_fraction`` of its training examples,
+drawn with ``seed``. Training subsets (``train_examples`` or ``data_fraction``) are prefixes of
+`nested_subset_order`, so for one seed a smaller subset is contained in every larger one and
+each class is within one example of its proportional share. The training arrays come in that
+order, so any prefix of them is a stratified sample too. The test split is never subsampled.
+
+Folder sources are decoded by worker processes started with "spawn" (forking a process in which
+JAX runs threads can deadlock), so a script calling `load` on one needs the usual
+``if __name__ == "__main__":`` guard.
+
+Bad input raises `ScalingError`: an unknown source, a bad size or fraction, a missing path, a
+path without a ``train`` split or without images, an unknown or unprepared TFDS name. Image
+files that fail to decode are skipped with one warning giving their number and the first of
+them; if no training image decodes, that is a `ScalingError` too.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import dataclasses
+import hashlib
+import heapq
+import io
+import itertools
+import multiprocessing
+import os
+import pathlib
+import tarfile
+import tempfile
+import warnings
+
+import numpy as np
+from PIL import Image
+
+from scaling import ScalingError
+
+SOURCES = "digits, folder:PATH, tfds:NAME, synthetic"
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+_ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+_TEST_SPLITS = ("test", "val", "validation")
+_CACHE_VERSION = 1  # bump when the decoded arrays or their layout change
+_CHUNK = 1024  # images per decode task; smaller sources are decoded in-process
+_SYNTHETIC_TRAIN, _SYNTHETIC_TEST = 1024, 256
+
+Split = tuple[np.ndarray, np.ndarray]  # (images, labels)
+Splits = tuple[Split, Split | None, tuple[str, ...]]  # (train, test or None, class names)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # eq=False: array fields cannot be compared or hashed
+class Dataset:
+    """A loaded source: images already at the requested size, labels index class_names."""
+
+    source: str
+    train_images: np.ndarray  # uint8 (N, S, S, 3), in nested-subset order
+    train_labels: np.ndarray  # int32 (N,)
+    test_images: np.ndarray  # uint8 (M, S, S, 3)
+    test_labels: np.ndarray  # int32 (M,)
+    class_names: tuple[str, ...]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def load(
+    source: str,
+    image_size: int,
+    *,
+    train_examples: int | None = None,
+    data_fraction: float = 1.0,
+    holdout_fraction: float = 0.2,
+    seed: int = 0,
+    cache_dir: str | os.PathLike | None = None,
+    synthetic_classes: int = 10,
+) -> Dataset:
+    """Load `source` at `image_size` pixels, carve a test split if needed, subsample train."""
+    if not isinstance(image_size, int) or image_size < 1:
+        raise ScalingError(f"image_size must be a positive integer, got {image_size!r}")
+    if not 0 < holdout_fraction < 1:
+        raise ScalingError(f"holdout_fraction must be in (0, 1), got {holdout_fraction!r}")
+    if not 0 < data_fraction <= 1:
+        raise ScalingError(f"data_fraction must be in (0, 1], got {data_fraction!r}")
+    if train_examples is not None and data_fraction != 1:
+        raise ScalingError("give train_examples or data_fraction, not both")
+    if train_examples is not None and train_examples < 1:
+        raise ScalingError(f"train_examples must be at least 1, got {train_examples!r}")
+
+    kind, _, argument = source.partition(":")
+    if source == "digits":
+        train, test, class_names = _load_digits(image_size)
+    elif kind == "folder" and argument:
+        train, test, class_names = _load_folder(argument, image_size, cache_dir)
+    elif kind == "tfds" and argument:
+        train, test, class_names = _load_tfds(argument, image_size)
+    elif source == "synthetic":
+        train, test, class_names = _load_synthetic(image_size, synthetic_classes, seed)
+    else:
+        raise ScalingError(f"unknown data source {source!r}; valid forms: {SOURCES}")
+    if test is None:
+        train, test = _carve(train, holdout_fraction, seed)
+
+    available = len(train[1])
+    count = train_examples if train_examples is not None else round(data_fraction * available)
+    if count > available:
+        raise ScalingError(f"train_examples={count} exceeds the {available} training examples")
+    if count < 1:
+        raise ScalingError(f"data_fraction={data_fraction} keeps none of {available} examples")
+    keep = nested_subset_order(train[1], seed)[:count]
+    return Dataset(source, train[0][keep], train[1][keep], *test, class_names)
+
+
+def nested_subset_order(labels: np.ndarray, seed: int) -> np.ndarray:
+    """A permutation of range(len(labels)) whose every prefix is a stratified subset.
+
+    Each class is within one example of its proportional share in every prefix, even for
+    imbalanced classes (a fixed per-example priority, such as (i + 0.5) / n_class, can miss by
+    several). The k-th example of a class (of n, among N) must enter after position
+    floor((k - 1) N / n) and by position ceil(k N / n); earliest-deadline-first meets every such
+    window, ties broken by a seeded random value. Within a class the order is a seeded shuffle.
+    """
+    labels = np.asarray(labels)
+    total = len(labels)
+    rng = np.random.default_rng(seed)
+    release = np.empty(total, np.int64)
+    deadline = np.empty(total, np.int64)
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        rank = np.arange(1, len(members) + 1)
+        release[members] = (rank - 1) * total // len(members) + 1
+        deadline[members] = -(-rank * total // len(members))
+    priority = zip(deadline.tolist(), rng.random(total).tolist(), range(total), strict=True)
+    jobs = sorted(zip(release.tolist(), priority, strict=True))
+    order, ready, next_job = [], [], 0
+    for position in range(1, total + 1):
+        while next_job < total and jobs[next_job][0] <= position:
+            heapq.heappush(ready, jobs[next_job][1])
+            next_job += 1
+        order.append(heapq.heappop(ready)[-1])
+    return np.asarray(order, dtype=np.int64)
+
+
+def cache_directory(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
+    """`cache_dir`, else $SCALING_CACHE_DIR, else ~/.cache/scaling; created if missing."""
+    default = pathlib.Path.home() / ".cache" / "scaling"
+    path = pathlib.Path(cache_dir or os.environ.get("SCALING_CACHE_DIR") or default).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ScalingError(f"cannot create cache directory {path}: {error.strerror}") from error
+    return path
+
+
+def _square_rgb(image: Image.Image, size: int) -> np.ndarray:
+    """RGB uint8 array of shape (size, size, 3), resized only when needed."""
+    image = image.convert("RGB")
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(image)
+
+
+def _carve(train: Split, fraction: float, seed: int) -> tuple[Split, Split]:
+    """Split off a stratified `fraction` of `train` as the test split."""
+    from sklearn.model_selection import train_test_split  # lazy: decode workers never need it
+
+    images, labels = train
+    try:
+        kept, held = train_test_split(
+            np.arange(len(labels)), test_size=fraction, stratify=labels, random_state=seed
+        )
+    except ValueError as error:  # e.g. a class with a single example
+        raise ScalingError(
+            f"cannot hold out a stratified {fraction:g} of train: {error}"
+        ) from error
+    kept, held = np.sort(kept), np.sort(held)
+    return (images[kept], labels[kept]), (images[held], labels[held])
+
+
+def _load_digits(size: int) -> Splits:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    grey = np.round(digits.images * (255 / 16)).astype(np.uint8)
+    images = np.stack([_square_rgb(Image.fromarray(image), size) for image in grey])
+    return (images, digits.target.astype(np.int32)), None, tuple(map(str, digits.target_names))
+
+
+def _load_synthetic(size: int, classes: int, seed: int) -> Splits:
+    if not isinstance(classes, int) or not 2 <= classes <= _SYNTHETIC_TEST:
+        raise ScalingError(
+            f"synthetic_classes must be an integer in [2, {_SYNTHETIC_TEST}], got {classes!r}"
+        )
+    rng = np.random.default_rng(seed)
+    colours = rng.integers(0, 128, (classes, 3), dtype=np.uint8)
+
+    def split(count: int) -> Split:
+        labels = rng.permutation(np.arange(count) % classes).astype(np.int32)
+        # Both terms are below 128, so the uint8 sum cannot overflow.
+        noise = rng.integers(0, 128, (count, size, size, 3), dtype=np.uint8)
+        return noise + colours[labels][:, None, None, :], labels
+
+    return split(_SYNTHETIC_TRAIN), split(_SYNTHETIC_TEST), tuple(map(str, range(classes)))
+
+
+def _load_tfds(name: str, size: int) -> Splits:
+    import tensorflow_datasets as tfds  # lazy: slow to import, and only this source needs it
+
+    try:
+        builder = tfds.builder(name)
+    except Exception as error:  # tfds uses DatasetNotFoundError, AssertionError, ValueError...
+        reason = str(error).splitlines()[0]
+        raise ScalingError(
+            f"unknown tfds dataset {name!r} ({reason}); see tfds.list_builders()"
+        ) from error
+    features = builder.info.features
+    if not {"image", "label"} <= set(features.keys()):
+        raise ScalingError(f"tfds dataset {name!r} has no 'image' and 'label' features")
+    # info.splits is empty under tfds.testing.mock_data, which serves any split name.
+    splits = set(builder.info.splits) or {"train", "test"}
+    test_split = next((split for split in ("test", "validation") if split in splits), None)
+    train = _read_tfds_split(builder, "train", size)
+    test = _read_tfds_split(builder, test_split, size) if test_split else None
+    return train, test, tuple(features["label"].names)
+
+
+def _read_tfds_split(builder, split: str, size: int) -> Split:
+    try:
+        source = builder.as_data_source(split=split)
+    except Exception as error:  # unprepared data surfaces as NotImplementedError or KeyError
+        raise ScalingError(
+            f"tfds dataset {builder.name!r} split {split!r} is not readable in {builder.data_dir}; "
+            f"prepare it with `tfds build {builder.name} --file_format=array_record` ({error})"
+        ) from error
+    images = np.empty((len(source), size, size, 3), np.uint8)
+    labels = np.empty(len(source), np.int32)
+    for i, example in enumerate(source):
+        image = example["image"]
+        images[i] = _square_rgb(
+            Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image), size
+        )
+        labels[i] = example["label"]
+    return images, labels
+
+
+def _load_folder(location: str, size: int, cache_dir) -> Splits:
+    """Decode (or fetch from the cache) an image-folder tree or archive."""
+    path = pathlib.Path(location).expanduser()
+    if not path.exists():
+        raise ScalingError(f"folder source {location} does not exist")
+    if path.is_dir():
+        files = {
+            file.relative_to(path).as_posix(): file
+            for file in sorted(path.rglob("*"))
+            if file.name.lower().endswith(_IMAGE_SUFFIXES) and file.is_file()
+        }
+        content = "".join(f"{name}\0{_sha256(file.read_bytes())}\n" for name, file in files.items())
+        content_digest = _sha256(content.encode())
+    elif path.is_file() and path.name.lower().endswith(_ARCHIVE_SUFFIXES):
+        files = None  # read only on a cache miss
+        with path.open("rb") as file:
+            content_digest = hashlib.file_digest(file, "sha256").hexdigest()
+    else:
+        raise ScalingError(
+            f"folder source {location} is not a directory or a .tar/.tar.gz/.tgz file"
+        )
+
+    key = _sha256(f"v{_CACHE_VERSION}\0{size}\0{content_digest}".encode())[:20]
+    cache_file = cache_directory(cache_dir) / f"{path.name.split('.')[0]}-{size}px-{key}.npz"
+    if cache_file.exists():
+        with np.load(cache_file) as cached:
+            arrays = {name: cached[name] for name in cached.files}
+    else:
+        arrays = _decode_tree(_archive_files(path) if files is None else files, location, size)
+        _save_atomic(cache_file, arrays)
+
+    if arrays["skipped"]:
+        warnings.warn(
+            f"skipped {int(arrays['skipped'])} image file(s) in {location} that failed to decode; "
+            f"first: {arrays['first_skipped']}",
+            stacklevel=3,
+        )
+    train = arrays["train_images"], arrays["train_labels"]
+    test = (arrays["test_images"], arrays["test_labels"]) if "test_images" in arrays else None
+    return train, test, tuple(map(str, arrays["class_names"]))
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _archive_files(path: pathlib.Path) -> dict[str, bytes]:
+    """{member name: bytes} for the image files in a tar archive, read in one sequential pass."""
+    try:
+        with tarfile.open(path) as archive:
+            return {
+                member.name: archive.extractfile(member).read()
+                for member in archive
+                if member.isfile() and member.name.lower().endswith(_IMAGE_SUFFIXES)
+            }
+    except (tarfile.TarError, OSError, EOFError) as error:
+        raise ScalingError(f"cannot read archive {path}: {error}") from error
+
+
+def _decode_tree(
+    files: dict[str, bytes | pathlib.Path], location: str, size: int
+) -> dict[str, np.ndarray]:
+    """Decode {relative path: bytes or file} of an image-folder tree into the cached arrays."""
+    if not files:
+        raise ScalingError(f"no .jpg/.jpeg/.png images in folder source {location}")
+    parts = {name: pathlib.PurePosixPath(name).parts for name in sorted(files)}
+    tops = {name_parts[0] for name_parts in parts.values()}
+    if "train" not in tops and len(tops) == 1:  # archives often wrap the tree in one directory
+        parts = {name: name_parts[1:] for name, name_parts in parts.items()}
+    by_split: dict[str, list[tuple[str, str]]] = {}
+    for name, name_parts in parts.items():
+        if len(name_parts) >= 3:  # split/class/.../file
+            by_split.setdefault(name_parts[0], []).append((name_parts[1], name))
+    if "train" not in by_split:
+        raise ScalingError(f"folder source {location} has no train/<class>/ images")
+    class_names = sorted({class_name for class_name, _ in by_split["train"]})
+    test_split = next((split for split in _TEST_SPLITS if split in by_split), None)
+    splits = {"train": by_split["train"]} | ({"test": by_split[test_split]} if test_split else {})
+    label_of = {class_name: label for label, class_name in enumerate(class_names)}
+    for split, entries in splits.items():
+        unknown = {class_name for class_name, _ in entries} - label_of.keys()
+        if unknown:
+            raise ScalingError(f"{location}: {split} classes {sorted(unknown)} are not in train")
+
+    entries = [(split, class_name, name) for split, es in splits.items() for class_name, name in es]
+    images, decoded = _decode_files([files[name] for _, _, name in entries], size)
+    split_of = np.array([split for split, _, _ in entries])
+    labels = np.array([label_of[class_name] for _, class_name, _ in entries], np.int32)
+    failed = [name for (_, _, name), ok in zip(entries, decoded, strict=True) if not ok]
+    if not decoded[split_of == "train"].any():
+        raise ScalingError(f"no image in {location}/train could be decoded (first: {failed[0]})")
+    arrays = {"class_names": np.array(class_names), "skipped": np.array(len(failed))}
+    arrays["first_skipped"] = np.array(failed[0] if failed else "")
+    for split in splits:
+        keep = (split_of == split) & decoded
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = images[keep], labels[keep]
+    return arrays
+
+
+def _decode_files(files: list[bytes | pathlib.Path], size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Decode images in parallel chunks; returns (images, decoded-ok mask)."""
+    chunks = [files[start : start + _CHUNK] for start in range(0, len(files), _CHUNK)]
+    if len(chunks) == 1:  # starting worker processes costs more than a single chunk
+        results = [_decode_chunk(chunks[0], size)]
+    else:
+        # spawn, not fork: forking a process that runs JAX's threads can deadlock.
+        context = multiprocessing.get_context("spawn")
+        workers = min(len(chunks), os.cpu_count() or 1)
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+            results = list(pool.map(_decode_chunk, chunks, itertools.repeat(size)))
+    return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
+
+
+def _decode_chunk(files: list[bytes | pathlib.Path], size: int) -> tuple[np.ndarray, np.ndarray]:
+    images = np.zeros((len(files), size, size, 3), np.uint8)
+    decoded = np.zeros(len(files), bool)
+    for i, file in enumerate(files):
+        # Broken files raise anything from OSError to SyntaxError or zlib.error; skip them all.
+        with contextlib.suppress(Exception):
+            with Image.open(io.BytesIO(file) if isinstance(file, bytes) else file) as image:
+                images[i] = _square_rgb(image, size)
+            decoded[i] = True
+    return images, decoded
+
+
+def _save_atomic(path: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write an .npz next to `path` and rename it into place, so no reader sees half a file."""
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            np.savez(file, **arrays)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise

@@ -1,0 +1,60 @@
+"""FLOPs, multiply-adds and activations of a model's forward pass, per image.
+
+Two conventions, because they differ (see `shared/notes/flops-counting.md`):
+- `flops`: XLA's own cost analysis of the lowered forward pass: 2 per multiply-add that is
+  executed; taps that fall on 'SAME' padding are skipped. Use it for utilisation and timing.
+- `macs`: multiply-adds as the papers count them, every kernel tap included, read off the
+  jaxpr's convolutions and matrix products. Use it to compare with published tables.
+`activations` is the number of output elements of those convolutions and matrix products
+(the measure of Dollar et al., "Fast and Accurate Model Scaling", 2021).
+"""
+
+import math
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+from flax import nnx
+
+
+def _forward(model, image_size, in_channels=3):
+    """A pure eval-mode forward function and its abstract arguments, for one image."""
+    model.eval()
+    graphdef, state = nnx.split(model)
+    x = jax.ShapeDtypeStruct((1, image_size, image_size, in_channels), jnp.float32)
+    return (lambda state, x: nnx.merge(graphdef, state)(x)), (state, x)
+
+
+def xla_flops(model, image_size):
+    fn, args = _forward(model, image_size)
+    cost = jax.jit(fn).lower(*args).cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return int(cost["flops"])
+
+
+def _count(jaxpr, multiplier=1):
+    """(multiply-adds, activations) over a jaxpr, recursing into nested jaxprs."""
+    macs = acts = 0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        out = eqn.outvars[0].aval.shape if eqn.outvars else ()
+        if name == "conv_general_dilated":
+            rhs = eqn.invars[1].aval.shape
+            out_features = rhs[eqn.params["dimension_numbers"].rhs_spec[0]]
+            macs += math.prod(out) * math.prod(rhs) // out_features
+            acts += math.prod(out)
+        elif name == "dot_general":
+            (contract, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            macs += math.prod(out) * math.prod(lhs[i] for i in contract)
+            acts += math.prod(out)
+        repeat = eqn.params.get("length", 1) if name == "scan" else 1
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            m, a = _count(sub, repeat)
+            macs, acts = macs + m, acts + a
+    return macs * multiplier, acts * multiplier
+
+
+def macs_and_activations(model, image_size):
+    fn, args = _forward(model, image_size)
+    return _count(jax.make_jaxpr(fn)(*args).jaxpr)

@@ -1,0 +1,52 @@
+"""Model registry: every model is built by name from its family module.
+
+A family module exposes `create(name, **settings)` returning a Flax NNX module, or None when the
+name is not one of its own. Settings (num_classes, width_multiplier, dropout, norm, ...) are the
+family's constructor arguments, so any of them can be overridden from a config or the command line.
+"""
+
+import jax
+import numpy as np
+from flax import nnx
+
+from scaling import ScalingError
+from scaling.models import resnet
+
+FAMILIES = (resnet,)
+
+
+def create(name: str, *, seed: int = 0, **settings) -> nnx.Module:
+    """Build model `name` with parameters initialised from `seed`."""
+    for family in FAMILIES:
+        try:
+            model = family.create(name, rngs=nnx.Rngs(seed), **settings)
+        except TypeError as e:
+            if "unexpected keyword argument" not in str(e):
+                raise
+            raise ScalingError(f"{name}: {str(e).split('() ')[-1]}") from None
+        if model is not None:
+            return model
+    valid = "; ".join(f.NAMES for f in FAMILIES)
+    raise ScalingError(f"unknown model {name!r}; valid names: {valid}")
+
+
+def default_image_size(name: str) -> int:
+    """The input resolution a named model was designed for (224 for ImageNet nets, 32 for CIFAR)."""
+    for family in FAMILIES:
+        if (size := family.default_image_size(name)) is not None:
+            return size
+    return 32
+
+
+def abstract(name: str, **settings) -> nnx.Module:
+    """The model with shapes only (no weights allocated): for counting and FLOP analysis."""
+    try:
+        return nnx.eval_shape(lambda: create(name, **settings))
+    except ScalingError as e:  # drop the note JAX appends to errors raised while tracing
+        raise ScalingError(str(e).splitlines()[0]) from None
+
+
+def count_params(model: nnx.Module) -> int:
+    """Trainable parameters (BatchNorm running statistics are state, not parameters)."""
+    leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
+    return int(sum(np.prod(leaf.shape) for leaf in leaves))

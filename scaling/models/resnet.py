@@ -1,0 +1,269 @@
+"""ResNet and Wide ResNet: one residual network, three size tables.
+
+- CIFAR ResNets (He et al. 2015, section 4.2): `resnet{6n+2}`, three stages of 16/32/64 channels,
+  basic blocks, parameter-free zero-padding shortcuts (option A) unless `shortcut='B'`.
+- ImageNet ResNets: `resnet{18,34,50,101,152,200}`, the torchvision "v1.5" form (stride on the
+  3x3 conv of a bottleneck), 1x1 projection shortcuts.
+- Pre-activation forms (He et al. 2016): the `preact_` prefix on either of the above.
+- Wide ResNets WRN-d-k (Zagoruyko & Komodakis 2016): `wrn{d}_{k}`, d = 6n+4, pre-activation basic
+  blocks, 16k/32k/64k channels, optional dropout between the two convs (`block_dropout`).
+
+All are one `ResNet` module, so every option (width multiplier, norm, dropout, shortcut kind,
+stage sizes) applies to every name; the tables below only pick the defaults.
+"""
+
+import functools
+import math
+import re
+
+import jax.numpy as jnp
+from flax import nnx
+
+from scaling import ScalingError
+
+# name -> (block, blocks per stage); channels (64, 128, 256, 512), expanded x4 by bottlenecks.
+IMAGENET_SIZES = {
+    18: ("basic", (2, 2, 2, 2)),
+    34: ("basic", (3, 4, 6, 3)),
+    50: ("bottleneck", (3, 4, 6, 3)),
+    101: ("bottleneck", (3, 4, 23, 3)),
+    152: ("bottleneck", (3, 8, 36, 3)),
+    200: ("bottleneck", (3, 24, 36, 3)),
+}
+IMAGENET_WIDTHS = (64, 128, 256, 512)
+CIFAR_WIDTHS = (16, 32, 64)
+NAMES = (
+    "resnet{6n+2} (CIFAR), resnet{18,34,50,101,152,200} (ImageNet), preact_resnet*, wrn{6n+4}_{k}"
+)
+
+# torchvision's initialisation: He-normal on fan-out for convolutions.
+conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def make_norm(kind, dtype, rngs):
+    """A constructor `norm(channels)` for the named normalisation."""
+    if kind == "batch":
+        # momentum/epsilon as torch and the papers' Torch code (0.1 update rate, 1e-5).
+        return functools.partial(nnx.BatchNorm, momentum=0.9, epsilon=1e-5, dtype=dtype, rngs=rngs)
+    if kind == "group":
+        return lambda c: nnx.GroupNorm(c, num_groups=math.gcd(32, c), dtype=dtype, rngs=rngs)
+    if kind == "layer":
+        return functools.partial(nnx.LayerNorm, dtype=dtype, rngs=rngs)
+    raise ScalingError(f"unknown norm {kind!r}; valid: batch, group, layer")
+
+
+class Layers:
+    """The conv/norm constructors shared by one network's blocks."""
+
+    def __init__(self, norm, dtype, rngs):
+        self.norm = make_norm(norm, dtype, rngs)
+        self.conv = functools.partial(
+            nnx.Conv, use_bias=False, kernel_init=conv_init, dtype=dtype, rngs=rngs
+        )
+        self.rngs = rngs
+
+
+class BasicBlock(nnx.Module):
+    """Two 3x3 convs; post-activation (ResNet) or pre-activation (preact ResNet, WRN)."""
+
+    expansion = 1
+
+    def __init__(self, cin, width, stride, *, preact, shortcut, dropout, layers):
+        cout = width
+        self.preact = preact
+        self.conv1 = layers.conv(cin, cout, (3, 3), strides=stride)
+        self.conv2 = layers.conv(cout, cout, (3, 3))
+        self.norm1 = layers.norm(cin if preact else cout)
+        self.norm2 = layers.norm(cout)
+        self.dropout = nnx.Dropout(dropout, rngs=layers.rngs)
+        self.shortcut = Shortcut(cin, cout, stride, shortcut, preact, layers)
+
+    def __call__(self, x):
+        if self.preact:
+            x = nnx.relu(self.norm1(x))
+            y = self.conv1(x)
+            y = self.conv2(self.dropout(nnx.relu(self.norm2(y))))
+            return y + self.shortcut(x)
+        y = nnx.relu(self.norm1(self.conv1(x)))
+        y = self.norm2(self.conv2(self.dropout(y)))
+        return nnx.relu(y + self.shortcut(x))
+
+
+class BottleneckBlock(nnx.Module):
+    """1x1 reduce, 3x3 (strided, as in ResNet v1.5), 1x1 expand by 4."""
+
+    expansion = 4
+
+    def __init__(self, cin, width, stride, *, preact, shortcut, dropout, layers):
+        cout = width * self.expansion
+        self.preact = preact
+        self.conv1 = layers.conv(cin, width, (1, 1))
+        self.conv2 = layers.conv(width, width, (3, 3), strides=stride)
+        self.conv3 = layers.conv(width, cout, (1, 1))
+        self.norm1 = layers.norm(cin if preact else width)
+        self.norm2 = layers.norm(width)
+        self.norm3 = layers.norm(width if preact else cout)
+        self.dropout = nnx.Dropout(dropout, rngs=layers.rngs)
+        self.shortcut = Shortcut(cin, cout, stride, shortcut, preact, layers)
+
+    def __call__(self, x):
+        if self.preact:
+            x = nnx.relu(self.norm1(x))
+            y = self.conv1(x)
+            y = self.conv2(nnx.relu(self.norm2(y)))
+            y = self.conv3(self.dropout(nnx.relu(self.norm3(y))))
+            return y + self.shortcut(x)
+        y = nnx.relu(self.norm1(self.conv1(x)))
+        y = nnx.relu(self.norm2(self.conv2(y)))
+        y = self.norm3(self.conv3(self.dropout(y)))
+        return nnx.relu(y + self.shortcut(x))
+
+
+class Shortcut(nnx.Module):
+    """Identity when shapes match; otherwise option A (subsample + zero channels) or B (1x1 conv).
+
+    In pre-activation blocks the projection sees the pre-activated input and has no norm of its
+    own (as in the WRN and preact-ResNet code); in post-activation blocks it is conv + norm.
+    """
+
+    def __init__(self, cin, cout, stride, kind, preact, layers):
+        if kind not in ("A", "B"):
+            raise ScalingError(f"unknown shortcut {kind!r}; valid: A (zero-pad), B (projection)")
+        self.stride = stride
+        self.pad = (cout - cin) if (kind == "A" and (stride != 1 or cin != cout)) else 0
+        self.identity = stride == 1 and cin == cout
+        project = not self.identity and kind == "B"
+        self.proj = nnx.data(layers.conv(cin, cout, (1, 1), strides=stride) if project else None)
+        self.proj_norm = nnx.data(layers.norm(cout) if project and not preact else None)
+
+    def __call__(self, x):
+        if self.identity:
+            return x
+        if self.proj is not None:
+            y = self.proj(x)
+            return y if self.proj_norm is None else self.proj_norm(y)
+        x = x[:, :: self.stride, :: self.stride, :]
+        return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (self.pad // 2, self.pad - self.pad // 2)))
+
+
+class ResNet(nnx.Module):
+    """A residual network: stem, stages of blocks, global average pool, linear classifier."""
+
+    def __init__(
+        self,
+        stage_sizes,
+        widths,
+        *,
+        block="basic",
+        stem="cifar",
+        stem_width=None,
+        shortcut="B",
+        preact=False,
+        num_classes=10,
+        width_multiplier=1.0,
+        dropout=0.0,
+        block_dropout=0.0,
+        norm="batch",
+        dtype=None,
+        in_channels=3,
+        rngs: nnx.Rngs,
+    ):
+        if len(stage_sizes) != len(widths) or min(stage_sizes, default=0) < 1:
+            raise ScalingError(f"need >= 1 block per stage and one width each, got {stage_sizes}")
+        if width_multiplier <= 0 or num_classes < 1:
+            raise ScalingError("width_multiplier and num_classes must be positive")
+        blocks = {"basic": BasicBlock, "bottleneck": BottleneckBlock}
+        if block not in blocks:
+            raise ScalingError(f"unknown block {block!r}; valid: {', '.join(blocks)}")
+        if stem not in ("cifar", "imagenet"):
+            raise ScalingError(f"unknown stem {stem!r}; valid: cifar, imagenet")
+        layers = Layers(norm, dtype, rngs)
+        scale = lambda c: max(1, round(c * width_multiplier))  # noqa: E731
+        stem_width = scale(stem_width or widths[0])
+
+        self.preact, self.imagenet_stem = preact, stem == "imagenet"
+        kernel, stride = ((7, 7), 2) if self.imagenet_stem else ((3, 3), 1)
+        self.stem = layers.conv(in_channels, stem_width, kernel, strides=stride)
+        # Pre-activation nets normalise at the start of each block, so the stem is a bare conv.
+        self.stem_norm = nnx.data(None if preact else layers.norm(stem_width))
+
+        block_cls, cin, stage_list = blocks[block], stem_width, []
+        for i, (n, width) in enumerate(zip(stage_sizes, widths, strict=True)):
+            for j in range(n):
+                stride = 2 if (i > 0 and j == 0) else 1
+                b = block_cls(
+                    cin,
+                    scale(width),
+                    stride,
+                    preact=preact,
+                    shortcut=shortcut,
+                    dropout=block_dropout,
+                    layers=layers,
+                )
+                stage_list.append(b)
+                cin = scale(width) * block_cls.expansion
+        self.blocks = nnx.List(stage_list)
+        self.final_norm = nnx.data(layers.norm(cin) if preact else None)
+        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+        self.head = nnx.Linear(cin, num_classes, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        x = self.stem(x)
+        if self.stem_norm is not None:
+            x = nnx.relu(self.stem_norm(x))
+        if self.imagenet_stem:
+            x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        for b in self.blocks:
+            x = b(x)
+        if self.final_norm is not None:
+            x = nnx.relu(self.final_norm(x))
+        x = jnp.mean(x, axis=(1, 2))
+        return self.head(self.dropout(x)).astype(jnp.float32)
+
+
+def cifar_resnet(depth, **kw):
+    if depth < 8 or (depth - 2) % 6:
+        raise ScalingError(
+            f"CIFAR ResNet depth must be 6n+2 (8, 14, 20, 32, 56, 110...), got {depth}"
+        )
+    n = (depth - 2) // 6
+    kw = {"shortcut": "A", **kw}
+    return ResNet((n, n, n), CIFAR_WIDTHS, block="basic", stem="cifar", **kw)
+
+
+def imagenet_resnet(depth, **kw):
+    block, sizes = IMAGENET_SIZES[depth]
+    kw = {"num_classes": 1000, **kw}
+    return ResNet(sizes, IMAGENET_WIDTHS, block=block, stem="imagenet", **kw)
+
+
+def wide_resnet(depth, k, **kw):
+    """WRN-depth-k: three groups of (depth-4)/6 pre-activation basic blocks, 16k/32k/64k wide."""
+    if depth < 10 or (depth - 4) % 6:
+        raise ScalingError(f"WRN depth must be 6n+4 (10, 16, 22, 28, 40...), got {depth}")
+    if k < 1:
+        raise ScalingError(f"WRN widening factor k must be >= 1, got {k}")
+    n = (depth - 4) // 6
+    widths = tuple(c * k for c in CIFAR_WIDTHS)
+    kw = {"preact": True, "shortcut": "B", **kw}
+    return ResNet((n, n, n), widths, block="basic", stem="cifar", stem_width=16, **kw)
+
+
+def create(name, **kw):
+    """Build a model of this family by name; None if the name is not of this family."""
+    if m := re.fullmatch(r"wrn(\d+)_(\d+)", name):
+        return wide_resnet(int(m[1]), int(m[2]), **kw)
+    if m := re.fullmatch(r"(preact_)?resnet(\d+)", name):
+        depth = int(m[2])
+        if m[1]:
+            kw = {"preact": True, **kw}
+        # The ImageNet table wins where a depth is also 6n+2 (50, 152, 200).
+        if depth in IMAGENET_SIZES:
+            return imagenet_resnet(depth, **kw)
+        return cifar_resnet(depth, **kw)
+    return None
+
+
+def default_image_size(name):
+    m = re.fullmatch(r"(preact_)?resnet(\d+)", name)
+    return 224 if m and int(m[2]) in IMAGENET_SIZES else None

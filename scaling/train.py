@@ -1,0 +1,395 @@
+"""Training: one pure, jitted step, data parallel over every local device.
+
+Reads top to bottom: the optimizer and schedule from the config, the on-device augmentation and
+loss, the train and eval steps, then `train()`, which loads data, builds or restores the state,
+loops, evaluates and writes `metrics.jsonl`, `summary.json` and orbax checkpoints into the workdir.
+
+Parallelism: a one-axis `Mesh` named 'data' over all devices; the state is replicated and each
+global batch is sharded along its first axis, so XLA splits the work and BatchNorm statistics
+(a mean over the batch axis) cover the whole global batch.
+"""
+
+import functools
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from tqdm import tqdm
+
+from scaling import ScalingError, data, flops, models
+
+OPTIMIZERS = {
+    "sgd": optax.sgd,
+    "adam": optax.adam,
+    "adamw": optax.adamw,
+    "rmsprop": optax.rmsprop,
+    "adagrad": optax.adagrad,
+    "adadelta": optax.adadelta,
+    "lamb": optax.lamb,
+}
+DECOUPLED_DECAY = ("adamw", "lamb")  # these apply weight decay themselves
+AUGMENTATIONS = ("none", "crop", "flip", "crop_flip")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+ZERO_SUMS = dict(loss=np.float32(0), accuracy=np.float32(0), steps=np.int32(0))
+
+
+def make_schedule(config, total_steps):
+    """Learning rate per step: constant, cosine to zero, or step decay; linear warmup first."""
+    s, lr = config.schedule, config.lr
+    warmup = min(s.warmup_steps, total_steps)
+    rest = max(total_steps - warmup, 1)
+    if s.name == "constant":
+        main = optax.constant_schedule(lr)
+    elif s.name == "cosine":
+        main = optax.cosine_decay_schedule(lr, rest)
+    elif s.name == "step":
+        bounds = {int(b * total_steps) - warmup: s.decay_factor for b in s.boundaries}
+        main = optax.piecewise_constant_schedule(lr, bounds)
+    else:
+        raise ScalingError(f"unknown schedule {s.name!r}; valid: constant, cosine, step")
+    if not warmup:
+        return main
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
+
+
+def make_optimizer(config, total_steps):
+    """The optax transformation named by the config, with decay and clipping around it."""
+    settings = dict(config.optimizer)
+    name = settings.pop("name")
+    if name not in OPTIMIZERS:
+        raise ScalingError(f"unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}")
+    schedule = make_schedule(config, total_steps)
+    # Decay conv and dense kernels only: biases and norm scales are not regularised.
+    kernels = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)  # noqa: E731
+    if name in DECOUPLED_DECAY:
+        settings.update(weight_decay=config.weight_decay, mask=kernels)
+    try:
+        optimizer = OPTIMIZERS[name](schedule, **settings)
+    except TypeError as e:
+        raise ScalingError(f"optimizer {name}: {str(e).split('() ')[-1]}") from None
+    chain = []
+    if config.grad_clip_norm:
+        chain.append(optax.clip_by_global_norm(config.grad_clip_norm))
+    if config.weight_decay and name not in DECOUPLED_DECAY:
+        chain.append(optax.add_decayed_weights(config.weight_decay, mask=kernels))
+    return optax.chain(*chain, optimizer), schedule
+
+
+def augment(images, key, kind, pad=4):
+    """Pad-`pad` random crop and/or horizontal flip, per image, on the device."""
+    n, h, w, c = images.shape
+    crop_key, flip_key = jax.random.split(key)
+    if "crop" in kind:
+        padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+        corners = jax.random.randint(crop_key, (n, 2), 0, 2 * pad + 1)
+        crop = lambda im, yx: jax.lax.dynamic_slice(im, (yx[0], yx[1], 0), (h, w, c))  # noqa: E731
+        images = jax.vmap(crop)(padded, corners)
+    if "flip" in kind:
+        flip = jax.random.bernoulli(flip_key, 0.5, (n, 1, 1, 1))
+        images = jnp.where(flip, images[:, :, ::-1], images)
+    return images
+
+
+def cross_entropy(logits, labels, smoothing=0.0):
+    targets = jax.nn.one_hot(labels, logits.shape[-1])
+    if smoothing:
+        targets = optax.smooth_labels(targets, smoothing)
+    return optax.softmax_cross_entropy(logits, targets)
+
+
+def make_steps(config, train_def, eval_def, tx, mean, std):
+    """The pure train and eval step functions, closed over the static pieces."""
+    base_key = jax.random.key(config.seed)
+    normalize = lambda x: (x.astype(jnp.float32) - mean) / std  # noqa: E731
+
+    def train_step(state, images, labels):
+        key = jax.random.fold_in(base_key, state["step"])
+        images = normalize(augment(images, key, config.augment))
+
+        def loss_fn(params):
+            # copy: the statistics are updated inside this trace, so they must be born in it
+            model = nnx.merge(train_def, params, state["model_state"], copy=True)
+            logits = model(images)
+            loss = cross_entropy(logits, labels, config.label_smoothing).mean()
+            return loss, (logits, nnx.state(model, nnx.Not(nnx.Param)))
+
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (loss, (logits, model_state)), grads = grad_fn(state["params"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        new_state = dict(
+            step=state["step"] + 1,
+            params=optax.apply_updates(state["params"], updates),
+            model_state=model_state,
+            opt_state=opt_state,
+        )
+        # Running sums since the last log line; kept in the state, so a resumed run logs
+        # exactly what an uninterrupted one would have.
+        sums = state["metric_sums"]
+        new_state["metric_sums"] = dict(
+            loss=sums["loss"] + loss,
+            accuracy=sums["accuracy"] + jnp.mean(jnp.argmax(logits, -1) == labels),
+            steps=sums["steps"] + 1,
+        )
+        return new_state
+
+    def eval_step(state, images, labels, mask):
+        model = nnx.merge(eval_def, state["params"], state["model_state"])
+        logits = model(normalize(images))
+        loss = cross_entropy(logits, labels) * mask
+        correct = (jnp.argmax(logits, -1) == labels) * mask
+        return {"loss": loss.sum(), "correct": correct.sum(), "count": mask.sum()}
+
+    return train_step, eval_step
+
+
+def num_train_steps(config, num_examples):
+    if (config.num_steps is None) == (config.num_epochs is None):
+        raise ScalingError("set exactly one of num_steps and num_epochs")
+    if config.num_steps is not None:
+        steps = config.num_steps
+    else:
+        steps = math.ceil(config.num_epochs * num_examples / config.batch_size)
+    if steps < 1:
+        raise ScalingError(f"training needs at least one step, got {steps}")
+    return steps
+
+
+def batch_indices(step, num_examples, batch_size, seed):
+    """Example indices of global batch `step`: a fresh permutation each epoch, a pure function
+    of (seed, step), so a resumed run sees exactly the batches it would have seen."""
+    per_epoch = num_examples // batch_size
+    epoch, i = divmod(step, per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(num_examples)
+    return order[i * batch_size : (i + 1) * batch_size]
+
+
+def evaluate(eval_step, state, images, labels, *, batch_size, sharding):
+    """Mean loss and accuracy over a whole split; the last batch is padded and masked."""
+    totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
+    for start in range(0, len(images), batch_size):
+        x, y = images[start : start + batch_size], labels[start : start + batch_size]
+        mask = np.zeros(batch_size, np.float32)
+        mask[: len(x)] = 1
+        pad = batch_size - len(x)
+        x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
+        y = np.concatenate([y, np.zeros(pad, y.dtype)])
+        out = eval_step(state, *jax.device_put((x, y, mask), sharding))
+        for k, v in jax.device_get(out).items():
+            totals[k] += float(v)
+    return totals["loss"] / totals["count"], totals["correct"] / totals["count"]
+
+
+def write_json_atomic(path, obj):
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def read_metrics(path):
+    """Records of a metrics.jsonl; a partial last line (a killed writer) is ignored."""
+    if not Path(path).exists():
+        return []
+    records = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def prepare_workdir(workdir: Path, config, overwrite: bool):
+    """Refuse to mix two configs in one workdir; record the config of a new run."""
+    saved = workdir / "config.json"
+    wanted = json.loads(config.to_json_best_effort(sort_keys=True))
+    if saved.exists() and json.loads(saved.read_text()) != wanted:
+        if not overwrite:
+            old = json.loads(saved.read_text())
+            keys = sorted(k for k in set(old) | set(wanted) if old.get(k) != wanted.get(k))
+            raise ScalingError(
+                f"{workdir} holds a run with a different config (differs in: {', '.join(keys)}); "
+                "use another workdir or --overwrite"
+            )
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if not saved.exists():
+        write_json_atomic(saved, wanted)
+
+
+def train(config: ml_collections.ConfigDict, workdir, *, overwrite=False, stop_after=None):
+    """Train (or resume) the run in `workdir`; returns the summary dict when training finished.
+
+    `stop_after` ends this process's share of the run after that many steps, leaving a checkpoint
+    to resume from, as a preempted job would.
+    """
+    workdir = Path(workdir)
+    if config.augment not in AUGMENTATIONS:
+        raise ScalingError(f"unknown augment {config.augment!r}; valid: {', '.join(AUGMENTATIONS)}")
+    if config.compute_dtype not in DTYPES:
+        raise ScalingError(
+            f"unknown compute_dtype {config.compute_dtype!r}; valid: float32, bfloat16"
+        )
+    devices = jax.device_count()
+    if config.batch_size % devices:
+        raise ScalingError(f"batch_size {config.batch_size} is not divisible by {devices} devices")
+    model_settings = {k: v for k, v in config.model.items() if k not in ("name", "num_classes")}
+    model_settings["dtype"] = DTYPES[config.compute_dtype]
+    models.abstract(config.model.name, **model_settings)  # a bad name or setting fails before I/O
+    prepare_workdir(workdir, config, overwrite)
+
+    ds = data.load(
+        config.dataset,
+        config.image_size,
+        train_examples=config.train_examples,
+        data_fraction=config.data_fraction,
+        holdout_fraction=config.holdout_fraction,
+        seed=config.data_seed,
+    )
+    n_train = len(ds.train_labels)
+    if n_train < config.batch_size:
+        raise ScalingError(
+            f"batch_size {config.batch_size} exceeds the {n_train} training examples"
+        )
+    model_settings["num_classes"] = ds.num_classes
+    model = models.create(config.model.name, seed=config.seed, **model_settings)
+    total_steps = num_train_steps(config, n_train)
+    tx, schedule = make_optimizer(config, total_steps)
+
+    # Per-channel statistics of the training images, for normalisation inside the step.
+    pixels = ds.train_images.reshape(-1, ds.train_images.shape[-1]).astype(np.float64)
+    mean, std = pixels.mean(0).astype(np.float32), pixels.std(0).astype(np.float32) + 1e-3
+
+    mesh = jax.make_mesh((devices,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    model.train()
+    train_def, params, model_state = nnx.split(model, nnx.Param, ...)
+    model.eval()
+    eval_def = nnx.graphdef(model)
+    state = dict(
+        step=jnp.array(0, jnp.int32),
+        params=params,
+        model_state=model_state,
+        opt_state=tx.init(params),
+        metric_sums=ZERO_SUMS,
+    )
+    state = jax.device_put(state, replicated)
+
+    train_step, eval_step = make_steps(config, train_def, eval_def, tx, mean, std)
+    train_step = jax.jit(train_step, donate_argnums=0, out_shardings=replicated)
+    eval_step = jax.jit(eval_step, out_shardings=replicated)
+    eval_batch = -(-config.eval_batch_size // devices) * devices  # a multiple of the devices
+    run_eval = functools.partial(
+        evaluate, eval_step, batch_size=eval_batch, sharding=batch_sharding
+    )
+
+    checkpoints = ocp.CheckpointManager(
+        (workdir / "checkpoints").absolute(),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=config.keep_checkpoints, save_interval_steps=config.checkpoint_every
+        ),
+    )
+    metrics_path = workdir / "metrics.jsonl"
+    start, wall_before = 0, 0.0
+    if (latest := checkpoints.latest_step()) is not None:
+        state = checkpoints.restore(latest, args=ocp.args.StandardRestore(state))
+        start = int(state["step"])
+        # Steps after the checkpoint are redone: drop their records so none is duplicated.
+        kept = [r for r in read_metrics(metrics_path) if r["step"] <= start]
+        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        wall_before = max((r["wall_time"] for r in kept), default=0.0)
+        if start >= total_steps and (workdir / "summary.json").exists():
+            print(f"{workdir} already holds a finished run")
+            return json.loads((workdir / "summary.json").read_text())
+        print(f"resumed from step {start} in {workdir}")
+    is_writer = jax.process_index() == 0
+
+    def log(record):
+        if is_writer:
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    t0 = time.perf_counter()
+    wall = lambda: wall_before + time.perf_counter() - t0  # noqa: E731
+    end = total_steps if stop_after is None else min(total_steps, start + stop_after)
+    window_start = time.perf_counter()
+    bar = tqdm(total=total_steps, initial=start, unit="step", disable=None, dynamic_ncols=True)
+    for step in range(start, end):
+        idx = batch_indices(step, n_train, config.batch_size, config.seed)
+        batch = jax.device_put((ds.train_images[idx], ds.train_labels[idx]), batch_sharding)
+        state = train_step(state, *batch)
+        done = step + 1
+        if done % config.log_every == 0 or done == total_steps:
+            sums = jax.device_get(state["metric_sums"])
+            state["metric_sums"] = jax.device_put(ZERO_SUMS, replicated)
+            means = {k: float(sums[k] / sums["steps"]) for k in ("loss", "accuracy")}
+            steps_timed = min(config.log_every, done - start)
+            rate = steps_timed * config.batch_size / (time.perf_counter() - window_start)
+            log(
+                dict(
+                    step=done,
+                    **means,
+                    learning_rate=float(schedule(step)),
+                    images_per_second=rate,
+                    examples_seen=done * config.batch_size,
+                    wall_time=wall(),
+                )
+            )
+            bar.set_postfix(loss=f"{means['loss']:.3f}", acc=f"{means['accuracy']:.3f}")
+            window_start = time.perf_counter()
+        if config.eval_every and done % config.eval_every == 0 and done < total_steps:
+            loss, acc = run_eval(state, ds.test_images, ds.test_labels)
+            log(dict(step=done, test_loss=loss, test_accuracy=acc, wall_time=wall()))
+        checkpoints.save(done, args=ocp.args.StandardSave(state), force=done == end)
+        bar.update(1)
+    bar.close()
+    checkpoints.wait_until_finished()
+    if end < total_steps:
+        return None
+
+    # Final evaluation: the test split, and a fixed, un-augmented training subset of equal size.
+    n_fit = min(n_train, len(ds.test_labels))
+    train_loss, train_acc = run_eval(state, ds.train_images[:n_fit], ds.train_labels[:n_fit])
+    test_loss, test_acc = run_eval(state, ds.test_images, ds.test_labels)
+    wall_seconds = wall()
+    log(dict(step=total_steps, test_loss=test_loss, test_accuracy=test_acc, wall_time=wall_seconds))
+    records = [r for r in read_metrics(metrics_path) if "images_per_second" in r]
+    abstract_model = models.abstract(config.model.name, **model_settings)
+    macs, activations = flops.macs_and_activations(abstract_model, config.image_size)
+    summary = dict(
+        model=config.model.name,
+        dataset=config.dataset,
+        params=models.count_params(abstract_model),
+        flops=flops.xla_flops(abstract_model, config.image_size),
+        macs=macs,
+        activations=activations,
+        image_size=config.image_size,
+        num_classes=ds.num_classes,
+        train_examples=n_train,
+        steps=total_steps,
+        train_accuracy=train_acc,
+        test_accuracy=test_acc,
+        train_loss=train_loss,
+        test_loss=test_loss,
+        generalization_gap=train_acc - test_acc,
+        examples_seen=total_steps * config.batch_size,
+        wall_seconds=wall_seconds,
+        images_per_second=float(np.median([r["images_per_second"] for r in records])),
+        devices=devices,
+        seed=config.seed,
+        config=json.loads(config.to_json_best_effort()),
+    )
+    if is_writer:
+        write_json_atomic(workdir / "summary.json", summary)
+    return summary

@@ -1,0 +1,51 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from scaling.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN_CONFIG = str(ROOT / "configs" / "train.py")
+
+
+@pytest.fixture
+def tiny_config():
+    """A run that takes seconds: ResNet-8 on digits at 8x8."""
+
+    def make(**overrides):
+        config = load_config(f"{TRAIN_CONFIG}:model=resnet8,image_size=8,steps=20,batch_size=64")
+        config.log_every = 5
+        config.checkpoint_every = 10
+        config.update(overrides)
+        return config
+
+    return make
+
+
+def run_python(code, *, devices=1, timeout=300):
+    """Run `code` in a fresh interpreter with `devices` simulated CPU devices; return stdout."""
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def scaling_cli(*args, timeout=300):
+    """Run the `scaling` command line; returns the CompletedProcess (not checked)."""
+    return subprocess.run(
+        [sys.executable, "-m", "scaling.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )

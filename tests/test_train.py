@@ -1,0 +1,184 @@
+"""The trainer: it learns, resumes exactly, parallelises exactly, and refuses bad settings."""
+
+import json
+
+import numpy as np
+import optax
+import pytest
+from conftest import TRAIN_CONFIG, run_python
+
+from scaling import ScalingError
+from scaling.config import load_config
+from scaling.train import augment, batch_indices, make_schedule, read_metrics, train
+
+
+def losses(workdir):
+    return [r["loss"] for r in read_metrics(workdir / "metrics.jsonl") if "loss" in r]
+
+
+def test_digits_learns(tmp_path):
+    config = load_config(f"{TRAIN_CONFIG}:model=resnet20,image_size=16,epochs=6,batch_size=64")
+    config.log_every = 10
+    summary = train(config, tmp_path)
+    curve = losses(tmp_path)
+    assert curve[-1] < 0.5 * curve[0]
+    assert summary["test_accuracy"] > 0.9
+    assert summary["params"] == 269_722
+    assert summary["steps"] == 6 * 1437 // 64 + 1  # epochs are rounded up to whole steps
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    for key in (
+        "model",
+        "params",
+        "flops",
+        "train_accuracy",
+        "test_accuracy",
+        "train_loss",
+        "test_loss",
+        "generalization_gap",
+        "examples_seen",
+        "wall_seconds",
+        "images_per_second",
+        "seed",
+        "config",
+    ):
+        assert key in saved
+    assert saved["generalization_gap"] == pytest.approx(
+        saved["train_accuracy"] - saved["test_accuracy"]
+    )
+    record = read_metrics(tmp_path / "metrics.jsonl")[0]
+    assert set(record) >= {
+        "step",
+        "loss",
+        "accuracy",
+        "learning_rate",
+        "images_per_second",
+        "examples_seen",
+        "wall_time",
+    }
+
+
+def test_resume_continues_the_same_run(tmp_path, tiny_config):
+    whole = train(tiny_config(), tmp_path / "whole")
+    assert train(tiny_config(), tmp_path / "split", stop_after=12) is None
+    assert losses(tmp_path / "split") == losses(tmp_path / "whole")[:2]
+    resumed = train(tiny_config(), tmp_path / "split")
+    assert losses(tmp_path / "split") == losses(tmp_path / "whole")
+    steps = [r["step"] for r in read_metrics(tmp_path / "split" / "metrics.jsonl") if "loss" in r]
+    assert steps == [5, 10, 15, 20]  # the steps after the step-12 checkpoint were not duplicated
+    assert resumed["test_loss"] == whole["test_loss"]
+    # A finished run is not trained again.
+    assert train(tiny_config(), tmp_path / "split") == resumed
+
+
+def test_workdir_with_another_config_is_refused(tmp_path, tiny_config):
+    train(tiny_config(), tmp_path, stop_after=5)
+    with pytest.raises(ScalingError, match="different config.*lr"):
+        train(tiny_config(lr=0.5), tmp_path)
+    assert train(tiny_config(lr=0.5), tmp_path, overwrite=True)["config"]["lr"] == 0.5
+
+
+def test_one_device_equals_eight_devices():
+    code = """
+import json, tempfile
+from scaling.config import load_config
+from scaling.train import train, read_metrics
+config = load_config('configs/train.py:model=resnet8,image_size=8,steps=12,batch_size=64')
+config.log_every = 1
+with tempfile.TemporaryDirectory() as d:
+    summary = train(config, d)
+    print(json.dumps([summary['devices']] + [r['loss'] for r in read_metrics(d + '/metrics.jsonl')
+                      if 'loss' in r]))
+"""
+    one = json.loads(run_python(code, devices=1).splitlines()[-1])
+    eight = json.loads(run_python(code, devices=8).splitlines()[-1])
+    assert one[0] == 1 and eight[0] == 8
+    np.testing.assert_allclose(one[1:], eight[1:], rtol=2e-4)
+
+
+def test_batch_order_is_a_pure_function_of_seed_and_step():
+    first_epoch = np.concatenate([batch_indices(s, 100, 25, seed=3) for s in range(4)])
+    assert sorted(first_epoch) == list(range(100))  # each example once per epoch
+    second_epoch = np.concatenate([batch_indices(s, 100, 25, seed=3) for s in range(4, 8)])
+    assert not np.array_equal(first_epoch, second_epoch)
+    assert np.array_equal(batch_indices(5, 100, 25, seed=3), batch_indices(5, 100, 25, seed=3))
+
+
+def test_augment_crops_and_flips_per_image():
+    import jax
+
+    images = np.arange(2 * 8 * 8 * 1, dtype=np.float32).reshape(2, 8, 8, 1) + 1
+    flipped = augment(images, jax.random.key(0), "flip")
+    for i in range(2):
+        assert np.array_equal(flipped[i], images[i]) or np.array_equal(
+            flipped[i], images[i, :, ::-1]
+        )
+    cropped = np.asarray(augment(images, jax.random.key(1), "crop"))
+    assert cropped.shape == images.shape
+    # Each crop is a window of the zero-padded image: its non-zero pixels are contiguous originals.
+    for i in range(2):
+        rows = np.where(cropped[i].any(axis=(1, 2)))[0]
+        assert np.all(np.diff(rows) == 1)
+    assert np.array_equal(augment(images, jax.random.key(0), "none"), images)
+
+
+@pytest.mark.parametrize(
+    "name,check",
+    [
+        ("constant", lambda s: s(10) == pytest.approx(0.1) == s(99)),
+        ("cosine", lambda s: s(10) == pytest.approx(0.1) and s(100) < 1e-6),
+        ("step", lambda s: s(35) == pytest.approx(0.1) and s(45) == pytest.approx(0.02)),
+    ],
+)
+def test_schedules_with_warmup(tiny_config, name, check):
+    config = tiny_config()
+    config.schedule.name, config.schedule.warmup_steps, config.lr = name, 10, 0.1
+    config.schedule.boundaries = (0.4, 0.8)
+    schedule = make_schedule(config, 100)
+    assert schedule(0) == 0.0 and schedule(5) == pytest.approx(0.05)
+    assert check(schedule)
+
+
+@pytest.mark.parametrize(
+    "optimizer", ["sgd", "adam", "adamw", "rmsprop", "adagrad", "adadelta", "lamb"]
+)
+def test_every_optimizer_builds_and_steps(optimizer):
+    import jax.numpy as jnp
+
+    from scaling.train import make_optimizer
+
+    config = load_config(f"{TRAIN_CONFIG}:optimizer={optimizer},lr=0.01")
+    config.grad_clip_norm, config.label_smoothing = 1.0, 0.1
+    tx, _ = make_optimizer(config, 10)
+    params = {"w": jnp.ones((3, 3)), "b": jnp.ones(3)}
+    updates, _ = tx.update(params, tx.init(params), params)
+    new = optax.apply_updates(params, updates)
+    assert float(jnp.abs(new["w"] - params["w"]).sum()) > 0
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (dict(batch_size=100_000), "exceeds the"),
+        (dict(augment="mixup"), "valid: none, crop"),
+        (dict(compute_dtype="float16"), "valid: float32, bfloat16"),
+        (dict(num_epochs=2.0), "exactly one of num_steps and num_epochs"),
+        (dict(dataset="mnist"), "digits"),
+        (dict(model={"name": "resnet7"}), r"6n\+2"),
+    ],
+)
+def test_bad_settings_fail_before_training(tmp_path, tiny_config, overrides, message):
+    with pytest.raises(ScalingError, match=message):
+        train(tiny_config(**overrides), tmp_path)
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_bad_optimizer_names_and_settings(tiny_config):
+    from scaling.train import make_optimizer
+
+    config = tiny_config()
+    config.optimizer.name = "adam"  # still carries sgd's momentum
+    with pytest.raises(ScalingError, match="optimizer adam.*momentum"):
+        make_optimizer(config, 10)
+    config.optimizer = {"name": "sgdd"}
+    with pytest.raises(ScalingError, match="valid: sgd, adam"):
+        make_optimizer(config, 10)
