@@ -1,16 +1,20 @@
-"""The `scaling` command: `scaling info MODEL`, `scaling train --config FILE --workdir DIR`."""
+"""The `scaling` command: info, train, sweep and launch.
+
+scaling info MODEL [--image-size S] [--set KEY=VALUE ...]
+scaling train --config configs/train.py[:arg] [--config.KEY=VALUE ...] --workdir DIR
+scaling sweep --config configs/STUDY.py[:arg] --workdir DIR [--dry-run] [--parallel N]
+scaling launch tpu|skypilot --config configs/STUDY.py --name N --zone Z --accelerator v4-8 ...
+"""
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from absl import flags
 from ml_collections import config_flags
 
-from scaling import ScalingError
-
-TRAIN_USAGE = """scaling train --config configs/train.py[:key=value,...] [--config.KEY=VALUE ...]
-                     --workdir DIR [--overwrite] [--stop_after STEPS]"""
+from scaling import Diverged, ScalingError
 
 
 def info(args):
@@ -20,12 +24,13 @@ def info(args):
     settings = parse_settings(args.set)
     if args.num_classes is not None:
         settings["num_classes"] = args.num_classes
-    model = models.abstract(args.model, **settings)
     image_size = args.image_size
     if image_size is None:
-        image_size = models.default_image_size(args.model)
-    if image_size < 1:
-        raise ScalingError(f"image size must be positive, got {image_size}")
+        image_size = settings.get("image_size", models.default_image_size(args.model))
+    settings.pop("image_size", None)
+    if not isinstance(image_size, int) or image_size < 1:
+        raise ScalingError(f"image size must be positive, got {image_size!r}")
+    model = models.abstract(args.model, image_size=image_size, **settings)
     macs, activations = flops.macs_and_activations(model, image_size)
     out = dict(
         model=args.model,
@@ -40,18 +45,12 @@ def info(args):
     print(json.dumps(out))
 
 
-def train(argv):
+def parse_config(config_args):
+    """The ConfigDict of `--config FILE.py[:arg] [--config.KEY=VALUE ...]` (absl, as big_vision)."""
     fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "Training config file.", flag_values=fv)
-    flags.DEFINE_string(
-        "workdir", None, "Run directory (resumed if it holds a run).", flag_values=fv
-    )
-    flags.DEFINE_bool("overwrite", False, "Replace a run with a different config.", flag_values=fv)
-    flags.DEFINE_integer(
-        "stop_after", None, "Stop after this many steps (resumable).", flag_values=fv
-    )
+    config_flags.DEFINE_config_file("config", None, "Config file.", flag_values=fv)
     try:
-        fv(["scaling train", *argv])
+        fv(["scaling", *config_args])
     except flags.Error as e:
         # A config file's own error ends the (multi-line) message: report that line.
         last = [line for line in str(e).splitlines() if line.strip()][-1]
@@ -59,13 +58,39 @@ def train(argv):
     except (AttributeError, KeyError) as e:  # how ml_collections reports --config.NO_SUCH_KEY
         key = str(e).strip("'\"")
         raise ScalingError(f"config override names a key that does not exist: {key}") from None
-    if fv.config is None or fv.workdir is None:
-        raise ScalingError(f"usage: {TRAIN_USAGE}")
+    if fv.config is None:
+        raise ScalingError("give the config with --config FILE.py[:arg]")
+    return fv.config
+
+
+def start_distributed(args):
+    """Join a multi-host job: explicit coordinates (CPU tests), or JAX's own auto-detection
+    (Cloud TPU VMs, SLURM) with --distributed."""
+    import jax
+
+    if args.coordinator:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    elif args.distributed:
+        jax.distributed.initialize()
+
+
+def train(args, config_args):
+    from ml_collections import ConfigDict
+
     from scaling import train as trainer
 
-    summary = trainer.train(fv.config, fv.workdir, overwrite=fv.overwrite, stop_after=fv.stop_after)
+    workdir = Path(args.workdir)
+    if config_args:
+        config = parse_config(config_args)
+    elif (workdir / "config.json").exists():  # resume a run from its directory alone
+        config = ConfigDict(json.loads((workdir / "config.json").read_text()))
+    else:
+        raise ScalingError(f"{workdir} holds no run: give --config")
+    start_distributed(args)
+    summary = trainer.train(config, workdir, overwrite=args.overwrite, stop_after=args.stop_after)
     if summary is None:
-        print(f"stopped early; run the same command to resume from {fv.workdir}")
+        print(f"stopped early; run the same command to resume from {workdir}")
         return
     s = summary
     print(
@@ -73,11 +98,50 @@ def train(argv):
         f"train accuracy {s['train_accuracy']:.4f}, {s['steps']} steps in "
         f"{s['wall_seconds']:.0f} s ({s['images_per_second']:.0f} images/s)"
     )
-    print(f"metrics: {fv.workdir}/metrics.jsonl  summary: {fv.workdir}/summary.json")
+    print(f"metrics: {workdir}/metrics.jsonl  summary: {workdir}/summary.json")
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
+def sweep(args, config_args):
+    from scaling import sweep as sweeps
+
+    study = parse_config(config_args)
+    index, _, count = args.shard.partition("/")
+    if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
+        raise ScalingError(f"--shard takes I/N with 0 <= I < N, got {args.shard!r}")
+    if args.dry_run:
+        trials = sweeps.expand(study)[int(index) :: int(count)]
+        print(sweeps.dry_run(trials, args.workdir))
+        return
+    train_args = ["--distributed"] if args.distributed else []
+    states = sweeps.run(study, args.workdir, parallel=args.parallel,
+                        retry_failed=args.retry_failed, shard=(int(index), int(count)),
+                        train_args=train_args)  # fmt: skip
+    tally = {s: list(states.values()).count(s) for s in sweeps.STATES if s in states.values()}
+    print(f"sweep {args.workdir}: " + ", ".join(f"{n} {s}" for s, n in tally.items()))
+    if set(states.values()) != {"done"}:
+        sys.exit(1)
+
+
+def launch(args, config_args):
+    from scaling import launch as launcher
+    from scaling import sweep as sweeps
+
+    num_trials = len(sweeps.expand(parse_config(config_args)))
+    spec = launcher.Launch(
+        study=config_args, name=args.name, zone=args.zone, accelerator=args.accelerator,
+        bucket=args.bucket, trials_per_vm=args.trials_per_vm, num_trials=num_trials,
+        spot=not args.on_demand, queued=args.queued,
+    )  # fmt: skip
+    if args.target == "skypilot":
+        print(launcher.skypilot_task(spec), end="")
+        return
+    commands = launcher.tpu_commands(spec)
+    print(launcher.as_script(commands), end="")
+    if args.execute:
+        launcher.execute(commands)
+
+
+def build_parser():
     parser = argparse.ArgumentParser(prog="scaling", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="parameters, FLOPs and activations of a model, as JSON")
@@ -91,15 +155,65 @@ def main(argv=None):
         metavar="KEY=VALUE",
         help="override a model setting (width_multiplier=2, norm=group, ...)",
     )
-    sub.add_parser("train", help="train one model", usage=TRAIN_USAGE, add_help=False)
+    config_help = "--config FILE.py[:arg] [--config.KEY=VALUE ...] as for big_vision"
+
+    p = sub.add_parser("train", help="train one model", epilog=config_help)
+    p.add_argument("--workdir", required=True, help="run directory; resumed if it holds a run")
+    p.add_argument("--overwrite", action="store_true", help="replace a run with another config")
+    p.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        metavar="STEPS",
+        help="stop after this many steps, resumable (as a preemption would)",
+    )
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="multi-host: jax.distributed.initialize() with auto-detection (TPU VMs)",
+    )
+    p.add_argument("--coordinator", help="multi-host with explicit HOST:PORT of process 0")
+    p.add_argument("--num-processes", type=int)
+    p.add_argument("--process-id", type=int)
+
+    p = sub.add_parser("sweep", help="run a study's trials; re-run to finish", epilog=config_help)
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--dry-run", action="store_true", help="list the trials, run nothing")
+    p.add_argument("--parallel", type=int, default=1, help="trials at once (processes)")
+    p.add_argument("--retry-failed", action="store_true", help="re-run failed/diverged trials")
+    p.add_argument("--shard", default="0/1", help="I/N: run every N-th trial from the I-th")
+    p.add_argument("--distributed", action="store_true", help="trials span several hosts")
+
+    p = sub.add_parser(
+        "launch", help="print (or --execute) cloud TPU commands for a study", epilog=config_help
+    )
+    p.add_argument("target", choices=["tpu", "skypilot"])
+    p.add_argument("--name", required=True)
+    p.add_argument("--zone", required=True)
+    p.add_argument("--accelerator", required=True, help="e.g. v4-8, v4-32, v5p-16")
+    p.add_argument("--bucket", required=True, help="gs://BUCKET for the results")
+    p.add_argument("--trials-per-vm", type=int, default=0, help="0: all trials on one VM")
+    p.add_argument("--on-demand", action="store_true", help="no spot VMs")
+    p.add_argument("--queued", action="store_true", help="create through queued resources")
+    p.add_argument("--execute", action="store_true", help="run the commands, not just print")
+    return parser  # fmt: skip
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
     args, rest = parser.parse_known_args(argv)
+    commands = {"train": train, "sweep": sweep, "launch": launch}
     try:
-        if args.command == "train":
-            train(rest)
-        elif rest:
+        if rest and args.command == "info":
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
-        else:
+        if args.command == "info":
             info(args)
+        else:
+            commands[args.command](args, rest)  # the rest is --config and its overrides
+    except Diverged as e:
+        print(f"scaling {args.command}: diverged: {e}", file=sys.stderr)
+        sys.exit(Diverged.exit_code)
     except ScalingError as e:
         print(f"scaling {args.command}: error: {str(e).splitlines()[0]}", file=sys.stderr)
         sys.exit(2)

@@ -26,8 +26,14 @@ def _forward(model, image_size, in_channels=3):
 
 
 def xla_flops(model, image_size):
-    fn, args = _forward(model, image_size)
-    cost = jax.jit(fn).lower(*args).cost_analysis()
+    # XLA's cost analysis counts the body of a loop once, so layers stacked with a scan (ViT's
+    # encoder) are lowered unrolled here: models that scan expose the attribute `unroll_scan`.
+    model.set_attributes(unroll_scan=True, raise_if_not_found=False)
+    try:
+        fn, args = _forward(model, image_size)
+        cost = jax.jit(fn).lower(*args).cost_analysis()
+    finally:
+        model.set_attributes(unroll_scan=False, raise_if_not_found=False)
     cost = cost[0] if isinstance(cost, list) else cost
     return int(cost["flops"])
 

@@ -28,7 +28,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from scaling import ScalingError, data, flops, models
+from scaling import Diverged, ScalingError, data, flops, models
 
 OPTIMIZERS = {
     "sgd": optax.sgd,
@@ -41,6 +41,8 @@ OPTIMIZERS = {
 }
 DECOUPLED_DECAY = ("adamw", "lamb")  # these apply weight decay themselves
 AUGMENTATIONS = ("none", "crop", "flip", "crop_flip")
+
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 ZERO_SUMS = dict(loss=np.float32(0), accuracy=np.float32(0), steps=np.int32(0))
 
@@ -185,10 +187,21 @@ def evaluate(eval_step, state, images, labels, *, batch_size, sharding):
         pad = batch_size - len(x)
         x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
         y = np.concatenate([y, np.zeros(pad, y.dtype)])
-        out = eval_step(state, *jax.device_put((x, y, mask), sharding))
+        local = host_slice(np.arange(batch_size))
+        out = eval_step(state, *to_global((x[local], y[local], mask[local]), sharding))
         for k, v in jax.device_get(out).items():
             totals[k] += float(v)
     return totals["loss"] / totals["count"], totals["correct"] / totals["count"]
+
+
+def host_slice(indices):
+    """This host's contiguous share of a global batch (all of it on a single host)."""
+    return np.array_split(indices, jax.process_count())[jax.process_index()]
+
+
+def to_global(arrays, sharding):
+    """Global arrays sharded along the batch from each host's share (multi-controller JAX)."""
+    return tuple(jax.make_array_from_process_local_data(sharding, a) for a in arrays)
 
 
 def write_json_atomic(path, obj):
@@ -210,22 +223,32 @@ def read_metrics(path):
     return records
 
 
+def json_config(config) -> dict:
+    """The config as plain JSON data (what config.json holds)."""
+    return json.loads(config.to_json_best_effort(sort_keys=True))
+
+
+def config_conflicts(workdir: Path, config) -> list[str]:
+    """Top-level keys in which `config` differs from the run recorded in `workdir` (if any)."""
+    saved = Path(workdir) / "config.json"
+    if not saved.exists():
+        return []
+    old, new = json.loads(saved.read_text()), json_config(config)
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+
 def prepare_workdir(workdir: Path, config, overwrite: bool):
     """Refuse to mix two configs in one workdir; record the config of a new run."""
-    saved = workdir / "config.json"
-    wanted = json.loads(config.to_json_best_effort(sort_keys=True))
-    if saved.exists() and json.loads(saved.read_text()) != wanted:
+    if keys := config_conflicts(workdir, config):
         if not overwrite:
-            old = json.loads(saved.read_text())
-            keys = sorted(k for k in set(old) | set(wanted) if old.get(k) != wanted.get(k))
             raise ScalingError(
                 f"{workdir} holds a run with a different config (differs in: {', '.join(keys)}); "
                 "use another workdir or --overwrite"
             )
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    if not saved.exists():
-        write_json_atomic(saved, wanted)
+    if not (workdir / "config.json").exists():
+        write_json_atomic(workdir / "config.json", json_config(config))
 
 
 def train(config: ml_collections.ConfigDict, workdir, *, overwrite=False, stop_after=None):
@@ -246,6 +269,7 @@ def train(config: ml_collections.ConfigDict, workdir, *, overwrite=False, stop_a
         raise ScalingError(f"batch_size {config.batch_size} is not divisible by {devices} devices")
     model_settings = {k: v for k, v in config.model.items() if k not in ("name", "num_classes")}
     model_settings["dtype"] = DTYPES[config.compute_dtype]
+    model_settings["image_size"] = config.image_size  # for resolution-dependent models
     models.abstract(config.model.name, **model_settings)  # a bad name or setting fails before I/O
     prepare_workdir(workdir, config, overwrite)
 
@@ -263,7 +287,6 @@ def train(config: ml_collections.ConfigDict, workdir, *, overwrite=False, stop_a
             f"batch_size {config.batch_size} exceeds the {n_train} training examples"
         )
     model_settings["num_classes"] = ds.num_classes
-    model = models.create(config.model.name, seed=config.seed, **model_settings)
     total_steps = num_train_steps(config, n_train)
     tx, schedule = make_optimizer(config, total_steps)
 
@@ -273,18 +296,31 @@ def train(config: ml_collections.ConfigDict, workdir, *, overwrite=False, stop_a
 
     mesh = jax.make_mesh((devices,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    model.train()
-    train_def, params, model_state = nnx.split(model, nnx.Param, ...)
-    model.eval()
-    eval_def = nnx.graphdef(model)
-    state = dict(
-        step=jnp.array(0, jnp.int32),
-        params=params,
-        model_state=model_state,
-        opt_state=tx.init(params),
-        metric_sums=ZERO_SUMS,
+    abstract_model = models.abstract(config.model.name, **model_settings)
+    abstract_model.train()
+    train_def = nnx.graphdef(abstract_model)
+    abstract_model.eval()
+    eval_def = nnx.graphdef(abstract_model)
+
+    def init_state():
+        model = models.create(config.model.name, seed=config.seed, **model_settings)
+        model.train()
+        _, params, model_state = nnx.split(model, nnx.Param, ...)
+        opt_state = tx.init(params)
+        return dict(
+            step=jnp.array(0, jnp.int32),
+            params=params,
+            model_state=model_state,
+            opt_state=opt_state,
+            metric_sums=ZERO_SUMS,
+        )
+
+    # Built inside jit with replicated outputs, so every host of a multi-host job holds the same
+    # state without a host-to-device copy of the whole model.
+    state = jax.jit(init_state, out_shardings=replicated)()
+    reset_sums = jax.jit(
+        lambda s: {**s, "metric_sums": ZERO_SUMS}, donate_argnums=0, out_shardings=replicated
     )
-    state = jax.device_put(state, replicated)
 
     train_step, eval_step = make_steps(config, train_def, eval_def, tx, mean, std)
     train_step = jax.jit(train_step, donate_argnums=0, out_shardings=replicated)
@@ -323,17 +359,24 @@ def train(config: ml_collections.ConfigDict, workdir, *, overwrite=False, stop_a
     t0 = time.perf_counter()
     wall = lambda: wall_before + time.perf_counter() - t0  # noqa: E731
     end = total_steps if stop_after is None else min(total_steps, start + stop_after)
-    window_start = time.perf_counter()
+    window_start, last_finite_loss = time.perf_counter(), None
     bar = tqdm(total=total_steps, initial=start, unit="step", disable=None, dynamic_ncols=True)
     for step in range(start, end):
-        idx = batch_indices(step, n_train, config.batch_size, config.seed)
-        batch = jax.device_put((ds.train_images[idx], ds.train_labels[idx]), batch_sharding)
+        idx = host_slice(batch_indices(step, n_train, config.batch_size, config.seed))
+        batch = to_global((ds.train_images[idx], ds.train_labels[idx]), batch_sharding)
         state = train_step(state, *batch)
         done = step + 1
         if done % config.log_every == 0 or done == total_steps:
             sums = jax.device_get(state["metric_sums"])
-            state["metric_sums"] = jax.device_put(ZERO_SUMS, replicated)
+            state = reset_sums(state)
             means = {k: float(sums[k] / sums["steps"]) for k in ("loss", "accuracy")}
+            if not math.isfinite(means["loss"]):
+                log(dict(step=done, loss=means["loss"], diverged=True, wall_time=wall()))
+                raise Diverged(
+                    f"loss became {means['loss']} by step {done}; last finite loss "
+                    f"{last_finite_loss} (learning rate {schedule(step):.3g})"
+                )
+            last_finite_loss = means["loss"]
             steps_timed = min(config.log_every, done - start)
             rate = steps_timed * config.batch_size / (time.perf_counter() - window_start)
             log(
@@ -365,7 +408,6 @@ def train(config: ml_collections.ConfigDict, workdir, *, overwrite=False, stop_a
     wall_seconds = wall()
     log(dict(step=total_steps, test_loss=test_loss, test_accuracy=test_acc, wall_time=wall_seconds))
     records = [r for r in read_metrics(metrics_path) if "images_per_second" in r]
-    abstract_model = models.abstract(config.model.name, **model_settings)
     macs, activations = flops.macs_and_activations(abstract_model, config.image_size)
     summary = dict(
         model=config.model.name,
@@ -388,7 +430,7 @@ def train(config: ml_collections.ConfigDict, workdir, *, overwrite=False, stop_a
         images_per_second=float(np.median([r["images_per_second"] for r in records])),
         devices=devices,
         seed=config.seed,
-        config=json.loads(config.to_json_best_effort()),
+        config=json_config(config),
     )
     if is_writer:
         write_json_atomic(workdir / "summary.json", summary)

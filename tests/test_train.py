@@ -80,19 +80,31 @@ def test_workdir_with_another_config_is_refused(tmp_path, tiny_config):
 def test_one_device_equals_eight_devices():
     code = """
 import json, tempfile
+import jax, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 from scaling.config import load_config
-from scaling.train import train, read_metrics
-config = load_config('configs/train.py:model=resnet8,image_size=8,steps=12,batch_size=64')
+from scaling.train import augment, read_metrics, train
+config = load_config('configs/train.py:model=resnet8,image_size=16,steps=12,batch_size=64,lr=0.01')
 config.log_every = 1
 with tempfile.TemporaryDirectory() as d:
     summary = train(config, d)
-    print(json.dumps([summary['devices']] + [r['loss'] for r in read_metrics(d + '/metrics.jsonl')
-                      if 'loss' in r]))
+    losses = [r['loss'] for r in read_metrics(d + '/metrics.jsonl') if 'loss' in r]
+mesh = jax.make_mesh((jax.device_count(),), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
+images = np.random.default_rng(0).integers(0, 255, (64, 16, 16, 3)).astype(np.uint8)
+images = jax.device_put(images, NamedSharding(mesh, P('data')))
+crops = jax.jit(augment, static_argnums=2)(images, jax.random.key(1), 'crop_flip')
+print(json.dumps([summary['devices'], np.asarray(crops).tolist(), losses]))
 """
     one = json.loads(run_python(code, devices=1).splitlines()[-1])
     eight = json.loads(run_python(code, devices=8).splitlines()[-1])
     assert one[0] == 1 and eight[0] == 8
-    np.testing.assert_allclose(one[1:], eight[1:], rtol=2e-4)
+    assert one[1] == eight[1]  # the random crops and flips do not depend on the sharding
+    # Sharded reductions (BatchNorm moments, the gradient all-reduce) sum in another order, so
+    # the first losses agree to float rounding; training then compounds those last bits (early
+    # ResNet training is chaotic: on one device a 1e-6 change of a 0.1 learning rate moves step
+    # 11's loss by 2e-3), so later steps get a looser bound, at a small learning rate.
+    np.testing.assert_allclose(one[2][:5], eight[2][:5], rtol=1e-5)
+    np.testing.assert_allclose(one[2], eight[2], rtol=5e-4)
 
 
 def test_batch_order_is_a_pure_function_of_seed_and_step():

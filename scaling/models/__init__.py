@@ -5,19 +5,30 @@ name is not one of its own. Settings (num_classes, width_multiplier, dropout, no
 family's constructor arguments, so any of them can be overridden from a config or the command line.
 """
 
+import inspect
+
 import jax
 import numpy as np
 from flax import nnx
 
 from scaling import ScalingError
-from scaling.models import resnet
+from scaling.models import coatnet, efficientnet, resnet, vit
 
-FAMILIES = (resnet,)
+FAMILIES = (resnet, efficientnet, vit, coatnet)
 
 
-def create(name: str, *, seed: int = 0, **settings) -> nnx.Module:
-    """Build model `name` with parameters initialised from `seed`."""
+def create(name: str, *, seed: int = 0, image_size: int | None = None, **settings) -> nnx.Module:
+    """Build model `name` with parameters initialised from `seed`.
+
+    `image_size`, the input resolution, reaches only the families whose `create` takes it (those
+    with resolution-dependent parameters: ViT's position embeddings, CoAtNet's relative-bias
+    tables); the others are resolution-agnostic and ignore it.
+    """
     for family in FAMILIES:
+        if image_size is not None and "image_size" in inspect.signature(family.create).parameters:
+            settings["image_size"] = image_size
+        else:
+            settings.pop("image_size", None)
         try:
             model = family.create(name, rngs=nnx.Rngs(seed), **settings)
         except TypeError as e:

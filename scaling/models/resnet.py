@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from scaling import ScalingError
+from scaling.scale import round_filters, round_repeats
 
 # name -> (block, blocks per stage); channels (64, 128, 256, 512), expanded x4 by bottlenecks.
 IMAGENET_SIZES = {
@@ -161,6 +162,7 @@ class ResNet(nnx.Module):
         preact=False,
         num_classes=10,
         width_multiplier=1.0,
+        depth_multiplier=1.0,
         dropout=0.0,
         block_dropout=0.0,
         norm="batch",
@@ -170,15 +172,20 @@ class ResNet(nnx.Module):
     ):
         if len(stage_sizes) != len(widths) or min(stage_sizes, default=0) < 1:
             raise ScalingError(f"need >= 1 block per stage and one width each, got {stage_sizes}")
-        if width_multiplier <= 0 or num_classes < 1:
-            raise ScalingError("width_multiplier and num_classes must be positive")
+        if width_multiplier <= 0 or depth_multiplier <= 0 or num_classes < 1:
+            raise ScalingError(
+                "width_multiplier, depth_multiplier and num_classes must be positive"
+            )
         blocks = {"basic": BasicBlock, "bottleneck": BottleneckBlock}
         if block not in blocks:
             raise ScalingError(f"unknown block {block!r}; valid: {', '.join(blocks)}")
         if stem not in ("cifar", "imagenet"):
             raise ScalingError(f"unknown stem {stem!r}; valid: cifar, imagenet")
         layers = Layers(norm, dtype, rngs)
-        scale = lambda c: max(1, round(c * width_multiplier))  # noqa: E731
+        # Channels and blocks scale by the rules of scaling.scale (EfficientNet's): channels to
+        # multiples of 8 (at least 8, never 10% under), blocks per stage rounded up.
+        scale = lambda c: round_filters(c, width_multiplier)  # noqa: E731
+        stage_sizes = [round_repeats(n, depth_multiplier) for n in stage_sizes]
         stem_width = scale(stem_width or widths[0])
 
         self.preact, self.imagenet_stem = preact, stem == "imagenet"

@@ -1,0 +1,172 @@
+"""Cloud TPU launching: the exact gcloud commands for a study, or a SkyPilot task file.
+
+`tpu_commands` returns, per VM: create it (spot by default, or through queued resources), copy
+this checkout to every worker, install, run the study's sweep on every worker (`--worker=all`;
+on a multi-host slice each trial is one multi-controller JAX job, `--distributed`) with its
+workdir on the bucket, and delete the VM; then pull the results from the bucket. Nothing here
+schedules or retries: a preempted VM is recreated by running the same commands again, and the
+sweep's resume finishes only what is missing. Where a study outgrows hand-managed VMs,
+`skypilot_task` writes a SkyPilot task: its managed jobs (`sky jobs launch`) recreate preempted
+spot TPUs and re-run the same sweep command, which resumes from the checkpoints on the bucket.
+"""
+
+import dataclasses
+import math
+import re
+import shlex
+import subprocess
+
+from scaling import ScalingError
+
+RUNTIME = "tpu-ubuntu2204-base"
+SOURCE_ARCHIVE = "scaling-src.tar.gz"
+CORES_PER_HOST = 8  # v2, v3, v4 and v5p names count TensorCores; 4 chips x 2 cores per host
+
+
+@dataclasses.dataclass
+class Launch:
+    study: list[str]  # --config FILE[:arg] and its --config.KEY=VALUE overrides
+    name: str
+    zone: str
+    accelerator: str
+    bucket: str
+    num_trials: int
+    trials_per_vm: int = 0  # 0: one VM runs every trial
+    spot: bool = True
+    queued: bool = False
+
+    def __post_init__(self):
+        if not re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", self.name):
+            raise ScalingError(f"--name {self.name!r}: lower-case letters, digits and '-' only")
+        if not self.bucket.startswith("gs://"):
+            raise ScalingError(f"--bucket must be a gs:// URL, got {self.bucket!r}")
+        if self.trials_per_vm < 0:
+            raise ScalingError("--trials-per-vm must be >= 0")
+        hosts(self.accelerator)  # validates the name
+
+    @property
+    def num_vms(self) -> int:
+        if not self.trials_per_vm:
+            return 1
+        return max(1, math.ceil(self.num_trials / self.trials_per_vm))
+
+
+def hosts(accelerator: str) -> int:
+    """Hosts in a TPU slice named like v4-32 (TensorCores)."""
+    match = re.fullmatch(r"(v2|v3|v4|v5p)-(\d+)", accelerator)
+    if not match or int(match[2]) % CORES_PER_HOST and int(match[2]) > CORES_PER_HOST:
+        raise ScalingError(
+            f"unknown accelerator {accelerator!r}; valid: v2-N, v3-N, v4-N, v5p-N (N TensorCores)"
+        )
+    return max(1, int(match[2]) // CORES_PER_HOST)
+
+
+def _sweep_command(spec: Launch, vm_index: int, workdir: str) -> str:
+    args = ["scaling", "sweep", *spec.study, "--workdir", workdir,
+            "--shard", f"{vm_index}/{spec.num_vms}"]  # fmt: skip
+    if hosts(spec.accelerator) > 1:
+        args.append("--distributed")
+    return shlex.join(args)
+
+
+def tpu_commands(spec: Launch) -> list[list[str]]:
+    """Every command, in order, as argument lists (first: archive this checkout)."""
+    bucket, _, prefix = spec.bucket.removeprefix("gs://").strip("/").partition("/")
+    # The workdir lives on the bucket (a gcsfuse mount on every worker), so a preempted VM loses
+    # nothing, and all hosts of a multi-host slice see the same trial states and checkpoints.
+    only_dir = f"--only-dir {prefix} " if prefix else ""
+    mount = (
+        "mkdir -p ~/bucket && (mountpoint -q ~/bucket || "
+        f"gcsfuse --implicit-dirs {only_dir}{bucket} ~/bucket)"
+    )
+    install = (
+        f"mkdir -p scaling && tar xzf {SOURCE_ARCHIVE} -C scaling && "
+        'cd scaling && python3 -m pip install -q -e ".[tpu]"'
+    )
+    commands = [["git", "archive", "--format=tar.gz", "-o", SOURCE_ARCHIVE, "HEAD"]]
+    gcloud = ["gcloud", "compute", "tpus"]
+    for i in range(spec.num_vms):
+        vm = f"{spec.name}-{i}" if spec.num_vms > 1 else spec.name
+        where = ["--zone", spec.zone]
+        if spec.queued:
+            create = [
+                *gcloud,
+                "queued-resources",
+                "create",
+                vm,
+                "--node-id",
+                vm,
+                *where,
+                "--accelerator-type",
+                spec.accelerator,
+                "--runtime-version",
+                RUNTIME,
+            ]
+            delete = [*gcloud, "queued-resources", "delete", vm, *where, "--force", "--quiet"]
+        else:
+            create = [
+                *gcloud,
+                "tpu-vm",
+                "create",
+                vm,
+                *where,
+                "--accelerator-type",
+                spec.accelerator,
+                "--version",
+                RUNTIME,
+            ]
+            delete = [*gcloud, "tpu-vm", "delete", vm, *where, "--quiet"]
+        if spec.spot:
+            create.append("--spot")
+        ssh = [*gcloud, "tpu-vm", "ssh", vm, *where, "--worker=all", "--command"]
+        sweep = _sweep_command(spec, i, f"../bucket/{spec.name}")  # run from ~/scaling
+        commands += [
+            create,
+            [*gcloud, "tpu-vm", "scp", SOURCE_ARCHIVE, f"{vm}:~/", *where, "--worker=all"],
+            [*ssh, install],
+            [*ssh, f"{mount} && cd scaling && PATH=$HOME/.local/bin:$PATH {sweep}"],
+            delete,
+        ]
+    commands.append(
+        [
+            "gcloud",
+            "storage",
+            "rsync",
+            "-r",
+            f"{spec.bucket.rstrip('/')}/{spec.name}",
+            f"runs/{spec.name}",
+        ]
+    )
+    return commands  # fmt: skip
+
+
+def as_script(commands: list[list[str]]) -> str:
+    return "".join(shlex.join(c) + "\n" for c in commands)
+
+
+def execute(commands: list[list[str]]):
+    """Run the commands in order, stopping at the first failure (the sweep can be re-run)."""
+    for command in commands:
+        print(f"+ {shlex.join(command)}", flush=True)
+        subprocess.run(command, check=True)
+
+
+def skypilot_task(spec: Launch) -> str:
+    """A SkyPilot task (YAML) that runs the study on one TPU slice as a managed spot job."""
+    run = _sweep_command(spec, 0, f"/results/{spec.name}")
+    return f"""\
+# sky jobs launch this-file.yaml   (managed job: preempted spot TPUs are recreated, and the
+# sweep resumes from the checkpoints under /results, which lives on the bucket)
+name: {spec.name}
+resources:
+  accelerators: tpu-{spec.accelerator}
+  use_spot: {str(spec.spot).lower()}
+  zone: {spec.zone}
+workdir: .
+file_mounts:
+  /results:
+    source: {spec.bucket}
+    mode: MOUNT
+setup: python3 -m pip install -q -e '.[tpu]'
+run: {run}
+"""

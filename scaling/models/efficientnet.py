@@ -1,0 +1,232 @@
+"""EfficientNet (Tan & Le 2019): MBConv networks scaled in width, depth and resolution.
+
+One baseline (B0, the `STAGES` table) and one rule for scaling it, as in the reference code
+(tensorflow/tpu `efficientnet_model.py` / `efficientnet_builder.py`):
+
+- MBConv block: 1x1 expansion conv (skipped when the expansion ratio is 1), depthwise kxk conv
+  (the stride lives here), squeeze-and-excitation (global pool, 1x1 reduce to 0.25 x the block's
+  *input* channels, swish, 1x1 expand, sigmoid gate; both with biases), 1x1 projection with no
+  activation; identity skip when stride is 1 and channels are unchanged. Every conv is bias-free
+  and followed by BatchNorm (momentum 0.99, epsilon 1e-3, as the TF code); activations are swish.
+- Stochastic depth ("drop connect"): on a block with an identity skip, the residual branch is
+  dropped per example with rate 0.2 * i / n for block i of n (from 0), rescaled by 1/(1 - rate)
+  when kept; off in eval mode. `drop_connect_rate` sets the final rate.
+- Scaling: `width_coefficient` multiplies every channel count (stem and 1280-wide head conv
+  included) through `scaling.scale.round_filters` (multiples of 8); `depth_coefficient` multiplies
+  the blocks of every stage through `scaling.scale.round_repeats` (ceil). `phi` sets both by
+  compound scaling from B0 (depth 1.2**phi, width 1.1**phi; feed images of
+  `scale.round_resolution(224, 1.15**phi)`). Resolution is the data's `image_size`: the network
+  is resolution-agnostic (global average pooling) and convs pad 'SAME' (output = ceil(in/stride)).
+- Classifier: global average pool, dropout (`dropout`, the variant's rate), `self.head` Linear.
+
+Names: `efficientnet_b0` ... `efficientnet_b7` take the paper's (width, depth, resolution,
+dropout) coefficients (`VARIANTS`) and 1000 classes; `efficientnet` is the B0 baseline meant to
+be scaled by settings. `small_images=True`, or the `_cifar` suffix (`efficientnet_b0_cifar`,
+`efficientnet_cifar`; 10 classes, 32x32 by default), adapts a network to 32x32 inputs: the stem
+conv has stride 1 instead of 2 and the first stride-2 stage (24 channels in B0) has stride 1,
+so the total stride is 8 instead of 32 and a 32x32 image ends at 4x4 rather than 1x1. Nothing
+else changes: the same blocks, channels and parameters; multiply-adds grow ~16x per pixel.
+"""
+
+import functools
+import re
+
+import jax.numpy as jnp
+from flax import nnx
+
+from scaling import ScalingError
+from scaling.scale import compound_coefficients, round_filters, round_repeats
+
+# The B0 baseline, stage by stage: (expansion ratio, kernel, stride, output channels, blocks).
+STAGES = (
+    (1, 3, 1, 16, 1),
+    (6, 3, 2, 24, 2),
+    (6, 5, 2, 40, 2),
+    (6, 3, 2, 80, 3),
+    (6, 5, 1, 112, 3),
+    (6, 5, 2, 192, 4),
+    (6, 3, 1, 320, 1),
+)
+STEM_WIDTH, TOP_WIDTH = 32, 1280  # stem conv3x3 stride 2; conv1x1 before pooling
+SE_RATIO = 0.25  # of the block's input channels
+# variant -> (width coefficient, depth coefficient, resolution, dropout), from the paper.
+VARIANTS = {
+    0: (1.0, 1.0, 224, 0.2),
+    1: (1.0, 1.1, 240, 0.2),
+    2: (1.1, 1.2, 260, 0.3),
+    3: (1.2, 1.4, 300, 0.3),
+    4: (1.4, 1.8, 380, 0.4),
+    5: (1.6, 2.2, 456, 0.4),
+    6: (1.8, 2.6, 528, 0.5),
+    7: (2.0, 3.1, 600, 0.5),
+}
+NAMES = "efficientnet, efficientnet_b{0-7}, efficientnet[_b{0-7}]_cifar"
+
+# The reference initialisers: He-normal on fan-out for convs. A depthwise kernel is
+# (k, k, 1, channels) in Flax, so its fan-out per output channel (k*k, as TF and timm count it)
+# is Flax's fan-in.
+conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+depthwise_init = nnx.initializers.variance_scaling(2.0, "fan_in", "normal")
+# Classifier: uniform(-1/sqrt(classes), 1/sqrt(classes)), as the reference dense initializer.
+dense_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_out", "uniform")
+
+
+class Layers:
+    """The conv/norm/dense constructors shared by one network's blocks."""
+
+    def __init__(self, dtype, rngs):
+        self.conv = functools.partial(
+            nnx.Conv, use_bias=False, kernel_init=conv_init, dtype=dtype, rngs=rngs
+        )
+        self.norm = functools.partial(
+            nnx.BatchNorm, momentum=0.99, epsilon=1e-3, dtype=dtype, rngs=rngs
+        )
+        self.dense = functools.partial(nnx.Linear, kernel_init=conv_init, dtype=dtype, rngs=rngs)
+        self.rngs = rngs
+
+
+class MBConv(nnx.Module):
+    """Mobile inverted bottleneck with squeeze-and-excitation and stochastic depth."""
+
+    def __init__(self, cin, cout, *, expand, kernel, stride, drop_rate, layers):
+        mid = cin * expand
+        self.expand = nnx.data(layers.conv(cin, mid, (1, 1)) if expand != 1 else None)
+        self.expand_norm = nnx.data(layers.norm(mid) if expand != 1 else None)
+        self.depthwise = layers.conv(
+            mid,
+            mid,
+            (kernel, kernel),
+            strides=stride,
+            feature_group_count=mid,
+            kernel_init=depthwise_init,
+        )
+        self.depthwise_norm = layers.norm(mid)
+        squeezed = max(1, int(cin * SE_RATIO))
+        self.se_reduce = layers.dense(mid, squeezed)
+        self.se_expand = layers.dense(squeezed, mid)
+        self.project = layers.conv(mid, cout, (1, 1))
+        self.project_norm = layers.norm(cout)
+        self.skip = stride == 1 and cin == cout
+        self.drop = nnx.Dropout(drop_rate, broadcast_dims=(1, 2, 3), rngs=layers.rngs)
+
+    def __call__(self, x):
+        y = x
+        if self.expand is not None:
+            y = nnx.swish(self.expand_norm(self.expand(y)))
+        y = nnx.swish(self.depthwise_norm(self.depthwise(y)))
+        s = jnp.mean(y, axis=(1, 2))
+        s = nnx.sigmoid(self.se_expand(nnx.swish(self.se_reduce(s))))
+        y = y * s[:, None, None, :]
+        y = self.project_norm(self.project(y))
+        return x + self.drop(y) if self.skip else y
+
+
+class EfficientNet(nnx.Module):
+    """Stem, the `STAGES` of MBConv blocks scaled in width and depth, 1x1 conv, pool, classifier."""
+
+    def __init__(
+        self,
+        *,
+        width_coefficient=1.0,
+        depth_coefficient=1.0,
+        dropout=0.2,
+        drop_connect_rate=0.2,
+        small_images=False,
+        num_classes=1000,
+        dtype=None,
+        in_channels=3,
+        rngs: nnx.Rngs,
+    ):
+        if width_coefficient <= 0 or depth_coefficient <= 0:
+            raise ScalingError("width_coefficient and depth_coefficient must be positive")
+        if num_classes < 1:
+            raise ScalingError(f"num_classes must be positive, got {num_classes}")
+        for key, rate in (("dropout", dropout), ("drop_connect_rate", drop_connect_rate)):
+            if not 0 <= rate < 1:
+                raise ScalingError(f"{key} must be in [0, 1), got {rate}")
+        layers = Layers(dtype, rngs)
+        width = lambda c: round_filters(c, width_coefficient)  # noqa: E731
+
+        stem_width = width(STEM_WIDTH)
+        self.stem = layers.conv(in_channels, stem_width, (3, 3), strides=1 if small_images else 2)
+        self.stem_norm = layers.norm(stem_width)
+
+        stages = [
+            (e, k, s, width(c), round_repeats(n, depth_coefficient)) for e, k, s, c, n in STAGES
+        ]
+        if small_images:  # the first stride-2 stage keeps the resolution too
+            first = next(i for i, stage in enumerate(stages) if stage[2] == 2)
+            stages[first] = (*stages[first][:2], 1, *stages[first][3:])
+        num_blocks = sum(stage[4] for stage in stages)
+        cin, blocks = stem_width, []
+        for expand, kernel, stride, cout, repeats in stages:
+            for j in range(repeats):
+                drop_rate = drop_connect_rate * len(blocks) / num_blocks
+                blocks.append(
+                    MBConv(
+                        cin,
+                        cout,
+                        expand=expand,
+                        kernel=kernel,
+                        stride=stride if j == 0 else 1,
+                        drop_rate=drop_rate,
+                        layers=layers,
+                    )
+                )
+                cin = cout
+        self.blocks = nnx.List(blocks)
+
+        top_width = width(TOP_WIDTH)
+        self.top = layers.conv(cin, top_width, (1, 1))
+        self.top_norm = layers.norm(top_width)
+        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+        self.head = nnx.Linear(
+            top_width, num_classes, kernel_init=dense_init, dtype=dtype, rngs=rngs
+        )
+
+    def __call__(self, x):
+        x = nnx.swish(self.stem_norm(self.stem(x)))
+        for b in self.blocks:
+            x = b(x)
+        x = nnx.swish(self.top_norm(self.top(x)))
+        x = jnp.mean(x, axis=(1, 2))
+        return self.head(self.dropout(x)).astype(jnp.float32)
+
+
+def parse(name):
+    """(variant or None, cifar) for a name of this family; None if it is not one."""
+    m = re.fullmatch(r"efficientnet(?:_b(\d+))?(_cifar)?", name)
+    if not m:
+        return None
+    variant = None if m[1] is None else int(m[1])
+    if variant is not None and variant not in VARIANTS:
+        raise ScalingError(f"unknown EfficientNet variant b{variant}; valid: b0 ... b7")
+    return variant, bool(m[2])
+
+
+def create(name, **kw):
+    """Build a model of this family by name; None if the name is not of this family."""
+    if (parsed := parse(name)) is None:
+        return None
+    variant, cifar = parsed
+    width, depth, _, dropout = VARIANTS[variant or 0]
+    if (phi := kw.pop("phi", None)) is not None:
+        if variant:
+            raise ScalingError(
+                f"phi scales the B0 baseline; use efficientnet or efficientnet_b0, not {name}"
+            )
+        if "width_coefficient" in kw or "depth_coefficient" in kw:
+            raise ScalingError("give phi or width_coefficient/depth_coefficient, not both")
+        c = compound_coefficients(phi)
+        width, depth = c.width, c.depth
+    defaults = dict(width_coefficient=width, depth_coefficient=depth, dropout=dropout)
+    if cifar:
+        defaults.update(small_images=True, num_classes=10)
+    return EfficientNet(**{**defaults, **kw})
+
+
+def default_image_size(name):
+    if (parsed := parse(name)) is None:
+        return None
+    variant, cifar = parsed
+    return 32 if cifar else VARIANTS[variant or 0][2]

@@ -1,0 +1,166 @@
+"""Width, depth and resolution scaling: the rounding rules and the arithmetic, in one place.
+
+Every model family scales through these functions, so a width, depth or resolution multiplier
+means the same thing for an EfficientNet and a ResNet:
+
+- width: `round_filters`, the EfficientNet reference rule (Tan & Le 2019, tensorflow/tpu
+  `efficientnet_model.round_filters`): channels times the multiplier, rounded to the nearest
+  multiple of `divisor` (8), never below `divisor`, and bumped up one step when rounding went
+  more than 10% below the unrounded value.
+- depth: `round_repeats`, blocks per stage times the multiplier, rounded up (`ceil`).
+- resolution: `round_resolution`, the image side times the multiplier, to the nearest integer
+  (or multiple of `divisor`).
+- compound scaling: `compound_coefficients(phi)`, depth alpha**phi, width beta**phi, resolution
+  gamma**phi with the paper's alpha=1.2, beta=1.1, gamma=1.15 (alpha * beta**2 * gamma**2 ~ 2, so
+  each unit of phi about doubles the multiply-adds).
+
+`solve_for_macs` finds the multiplier along one axis that brings a model to a multiply-add
+target, by bisection over the measured count (rounding makes it a step function of the
+multiplier, so no closed form is exact).
+"""
+
+import math
+from typing import NamedTuple
+
+from scaling import ScalingError
+
+ALPHA, BETA, GAMMA = 1.2, 1.1, 1.15  # depth, width, resolution bases of compound scaling
+AXES = ("depth", "width", "resolution", "phi")
+# Settings that carry the width and depth multipliers, in the order they are tried: EfficientNet
+# keeps the paper's names, the other families call them multipliers.
+AXIS_SETTINGS = {
+    "width": ("width_coefficient", "width_multiplier"),
+    "depth": ("depth_coefficient", "depth_multiplier"),
+}
+
+
+class Coefficients(NamedTuple):
+    depth: float
+    width: float
+    resolution: float
+
+
+class Solution(NamedTuple):
+    value: float  # the multiplier (or phi) found
+    macs: int  # multiply-adds of the model it gives
+    settings: dict  # model settings that build that model
+    image_size: int  # and the image size to feed it
+
+
+def round_filters(filters: int, multiplier: float = 1.0, divisor: int = 8) -> int:
+    """Channels scaled by `multiplier`, as the EfficientNet reference code rounds them."""
+    if multiplier <= 0:
+        raise ScalingError(f"width multiplier must be positive, got {multiplier}")
+    scaled = filters * multiplier
+    rounded = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
+    if rounded < 0.9 * scaled:  # never round down by more than 10%
+        rounded += divisor
+    return int(rounded)
+
+
+def round_repeats(repeats: int, multiplier: float = 1.0) -> int:
+    """Blocks in a stage scaled by `multiplier`, rounded up (so never fewer than one)."""
+    if multiplier <= 0:
+        raise ScalingError(f"depth multiplier must be positive, got {multiplier}")
+    return int(math.ceil(multiplier * repeats))
+
+
+def round_resolution(size: int, multiplier: float = 1.0, divisor: int = 1) -> int:
+    """An image side scaled by `multiplier`, to the nearest multiple of `divisor` (half up)."""
+    if multiplier <= 0:
+        raise ScalingError(f"resolution multiplier must be positive, got {multiplier}")
+    return max(divisor, int(size * multiplier / divisor + 0.5) * divisor)
+
+
+def compound_coefficients(phi: float, alpha=ALPHA, beta=BETA, gamma=GAMMA) -> Coefficients:
+    """(depth, width, resolution) multipliers of compound scaling by `phi`."""
+    return Coefficients(depth=alpha**phi, width=beta**phi, resolution=gamma**phi)
+
+
+def axis_setting(name, axis, **settings) -> str:
+    """The setting through which model `name` takes its `axis` ('width' or 'depth') multiplier.
+
+    Tried in `AXIS_SETTINGS` order with an invalid value (0), which a family refuses as soon as
+    its constructor starts, so no model is built; a family without the setting refuses the
+    keyword itself.
+    """
+    from scaling import models
+
+    for key in AXIS_SETTINGS[axis]:
+        try:
+            models.abstract(name, **{**settings, key: 0.0})
+        except ScalingError as e:
+            if "unexpected keyword argument" in str(e):
+                continue
+        return key
+    raise ScalingError(f"{name} takes none of the {axis} settings {', '.join(AXIS_SETTINGS[axis])}")
+
+
+def scaled(axis, value, image_size, settings, keys):
+    """(settings, image_size) scaled by `value` along `axis`; `keys` maps width and depth to the
+    model's setting names (`axis_setting`)."""
+    settings = dict(settings)
+    if axis == "resolution":
+        return settings, round_resolution(image_size, value)
+    if axis == "phi":
+        c = compound_coefficients(value)
+        settings.update({keys["width"]: c.width, keys["depth"]: c.depth})
+        return settings, round_resolution(image_size, c.resolution)
+    settings[keys[axis]] = value
+    return settings, image_size
+
+
+def solve_for_macs(name, axis, target, image_size, *, tol=1e-3, **settings) -> Solution:
+    """The multiplier along `axis` that brings model `name` closest to `target` multiply-adds.
+
+    `axis` is 'depth', 'width', 'resolution' (multipliers of the unscaled model, 1.0) or 'phi'
+    (compound scaling of depth, width and resolution together, from phi = 0); `settings` are the
+    model's other settings. Multiply-adds are measured on the abstract model
+    (`scaling.flops.macs_and_activations` at the scaled image size), so even huge candidates
+    allocate nothing. The count is a non-decreasing step function of the multiplier (channels,
+    blocks and pixels are rounded), so this brackets the target, bisects to `tol` (relative;
+    absolute for phi) for the first step at or above it, and returns whichever of the two steps
+    around the target is closer, as a `Solution` (value, macs, settings, image_size). The result
+    is as close as the steps allow: ~1% for width and resolution on EfficientNet-B0 at 224,
+    coarser for depth where stages are short (one more block in a 1-block stage), and coarser
+    for narrow networks (8 channels more on a 16-channel stage).
+    """
+    from scaling import flops, models
+
+    if axis not in AXES:
+        raise ScalingError(f"unknown scaling axis {axis!r}; valid: {', '.join(AXES)}")
+    if target <= 0:
+        raise ScalingError(f"target multiply-adds must be positive, got {target}")
+    needed = {"width": ("width",), "depth": ("depth",), "phi": ("width", "depth")}
+    keys = {a: axis_setting(name, a, **settings) for a in needed.get(axis, ())}
+    built, counted = {}, {}
+
+    def measure(value):
+        s, size = scaled(axis, value, image_size, settings, keys)
+        key = tuple(sorted(s.items()))
+        if (key, size) not in counted:
+            if key not in built:
+                built[key] = models.abstract(name, **s)
+            counted[key, size] = flops.macs_and_activations(built[key], size)[0]
+        return counted[key, size]
+
+    # Bracket the target (phi steps by 1, multipliers by factors of 2), then bisect.
+    phi = axis == "phi"
+    lo = hi = 0.0 if phi else 1.0
+    while measure(lo) > target:
+        lo = lo - 1 if phi else lo / 2
+        if lo < (-20 if phi else 1e-3):
+            raise ScalingError(f"{name}: no {axis} brings it as low as {target:.3g} multiply-adds")
+    while measure(hi) < target:
+        hi = hi + 1 if phi else hi * 2
+        if hi > (20 if phi else 1e3):
+            raise ScalingError(f"{name}: no {axis} brings it as high as {target:.3g} multiply-adds")
+    while hi - lo > tol * (1.0 if phi else hi):
+        mid = (lo + hi) / 2
+        if measure(mid) < target:
+            lo = mid
+        else:
+            hi = mid
+    best = min((lo, hi), key=lambda v: abs(measure(v) - target))
+    s, size = scaled(axis, best, image_size, settings, keys)
+    return Solution(best, measure(best), s, size)

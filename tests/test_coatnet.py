@@ -1,0 +1,180 @@
+"""CoAtNet: sizes against the paper, relative attention, table resizing, layouts, errors."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import TRAIN_CONFIG
+from flax import nnx
+
+from scaling import ScalingError, flops, models
+from scaling.config import load_config
+from scaling.models import coatnet
+from scaling.train import read_metrics, train
+
+# name: (paper parameters, paper multiply-adds at 224, ours exactly, ours exactly).
+# Ours: expansion on output channels, SE to 1/4 of the output channels, pre-logits layer.
+SIZES = {
+    "coatnet_0": (25e6, 4.2e9, 25_036_820, 4_141_888_512),
+    "coatnet_1": (42e6, 8.4e9, 42_225_776, 8_238_879_744),
+    "coatnet_2": (75e6, 15.7e9, 74_701_256, 15_553_671_168),
+    "coatnet_3": (168e6, 34.7e9, 167_003_320, 34_487_863_296),
+    "coatnet_4": (275e6, None, 275_462_344, None),
+}
+# Two blocks of 16/32 channels, one block per stage, heads of 16: compiles in seconds.
+TINY = dict(depths=(1, 1, 1, 1, 1), dims=(16, 16, 32, 32, 32), head_size=16)
+
+
+@pytest.mark.parametrize("name", SIZES)
+def test_sizes_match_the_paper(name):
+    paper_params, paper_macs, params, macs = SIZES[name]
+    model = models.abstract(name)
+    assert models.count_params(model) == params
+    assert abs(params / paper_params - 1) < 0.05
+    if paper_macs is not None:
+        assert flops.macs_and_activations(model, 224)[0] == macs
+        assert abs(macs / paper_macs - 1) < 0.05
+
+
+def output_shape(model, size, batch=2):
+    """The model's output shape for a batch of size x size images, traced only."""
+    graphdef, state = nnx.split(model)
+    x = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
+    return jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x), state, x).shape
+
+
+def test_relative_bias_gathers_by_offset_2x2():
+    # table[a, b] = 10a + b, so a bias of 10a + b means offset (dy, dx) = (a - 1, b - 1).
+    table = (10 * jnp.arange(3)[:, None] + jnp.arange(3)[None, :])[..., None].astype(jnp.float32)
+    bias = coatnet.relative_bias(table, (2, 2))
+    # Tokens (0,0) (0,1) (1,0) (1,1); entry [i, j] holds the offset of token i from token j.
+    expected = [
+        [11, 10, 1, 0],
+        [12, 11, 2, 1],
+        [21, 20, 11, 10],
+        [22, 21, 12, 11],
+    ]
+    assert bias.shape == (1, 4, 4)
+    assert np.array_equal(bias[0], expected)
+
+
+def test_relative_bias_gathers_by_offset_3x3():
+    # table[a, b, h] = 100h + 10a + b for a 3x3 grid: offsets -2..2 at rows/columns 0..4.
+    a, b, h = np.meshgrid(np.arange(5), np.arange(5), np.arange(2), indexing="ij")
+    table = jnp.asarray(100 * h + 10 * a + b, jnp.float32)
+    bias = coatnet.relative_bias(table, (3, 3))
+    assert bias.shape == (2, 9, 9)
+    # token 0 = (0,0), 4 = (1,1), 8 = (2,2), 2 = (0,2), 6 = (2,0)
+    assert bias[0, 0, 0] == 22 and bias[0, 4, 4] == 22  # zero offset: the table's centre
+    assert bias[0, 8, 0] == 44 and bias[0, 0, 8] == 0  # (+2, +2) and (-2, -2): the corners
+    assert bias[0, 2, 6] == 4 and bias[0, 6, 2] == 40  # (-2, +2) and (+2, -2)
+    assert bias[0, 4, 3] == 23 and bias[0, 3, 4] == 21  # token 3 = (1,0): dx = +1 / -1
+    assert bias[1, 5, 1] == 100 + 33  # token 5 = (1,2), token 1 = (0,1): (+1, +1), head 1
+    # Every entry: the table at the offset of token i from token j.
+    for i in range(9):
+        for j in range(9):
+            dy, dx = i // 3 - j // 3, i % 3 - j % 3
+            assert bias[1, i, j] == table[dy + 2, dx + 2, 1]
+
+
+def test_bias_table_resizing_keeps_values_at_the_original_size():
+    table = jax.random.normal(jax.random.key(0), (7, 7, 3))
+    assert jnp.array_equal(coatnet.resize_bias_table(table, (4, 4)), table)
+    bigger = coatnet.resize_bias_table(table, (8, 8))
+    assert bigger.shape == (15, 15, 3)
+    constant = coatnet.resize_bias_table(jnp.full((7, 7, 2), 0.5), (8, 8))
+    assert jnp.allclose(constant, 0.5)
+
+
+def test_model_resize_keeps_values_and_grows_tables():
+    model = models.create("coatnet", layout="CCTT", image_size=32, num_classes=10, **TINY)
+    same = coatnet.resize(model, 32)
+    x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+    model.eval(), same.eval()
+    assert jnp.array_equal(model(x), same(x))
+
+    bigger = coatnet.resize(model, 64)
+    t_blocks = [b for b in bigger.blocks if isinstance(b, coatnet.TransformerBlock)]
+    assert [b.grid for b in t_blocks] == [(4, 4), (2, 2)]  # S3 at 1/16, S4 at 1/32 of 64
+    assert [b.rel_bias.shape for b in t_blocks] == [(7, 7, 2), (3, 3, 2)]
+    assert model.blocks[2].rel_bias.shape == (3, 3, 2)  # the original is untouched
+    assert output_shape(bigger, 64) == (2, 10)
+    assert jnp.array_equal(bigger.head.kernel[...], model.head.kernel[...])
+    with pytest.raises(ScalingError, match="built for 32x32 images, got 64x64"):
+        output_shape(model, 64)
+
+
+@pytest.mark.parametrize("layout", coatnet.LAYOUTS)
+@pytest.mark.parametrize("size", [32, 64])
+def test_output_shapes_at_two_resolutions(layout, size):
+    tiny = dict(depths=(2,), dims=(32,)) if layout == "VIT_REL" else TINY
+    model = models.abstract("coatnet", layout=layout, image_size=size, num_classes=7, **tiny)
+    assert output_shape(model, size) == (2, 7)
+    small = models.abstract(
+        "coatnet", layout=layout, image_size=size, small_images=True, num_classes=7, **tiny
+    )
+    assert output_shape(small, size) == (2, 7)
+
+
+def test_small_images_keep_larger_token_grids():
+    assert coatnet.feature_sizes(32) == [16, 8, 4, 2, 1]  # S0..S4: T stages 16 / 4 / 1 tokens
+    assert coatnet.feature_sizes(32, small_images=True) == [32, 16, 8, 4, 2]  # 64 / 16 / 4
+    assert coatnet.feature_sizes(224) == [112, 56, 28, 14, 7]
+    model = models.abstract("coatnet", layout="CTTT", image_size=32, small_images=True, **TINY)
+    assert [b.grid for b in model.blocks[1:]] == [(8, 8), (4, 4), (2, 2)]
+    assert model.blocks[1].rel_bias.shape == (15, 15, 2)
+    vit_rel = models.abstract("coatnet", layout="VIT_REL", image_size=32, small_images=True)
+    assert vit_rel.blocks[0].grid == (4, 4)  # patch 8
+
+
+@pytest.mark.parametrize("layout", coatnet.LAYOUTS)
+def test_each_layout_trains_on_digits(tmp_path, layout):
+    config = load_config(
+        f"{TRAIN_CONFIG}:model=coatnet,image_size=16,steps=30,batch_size=64,optimizer=adam,lr=0.003"
+    )
+    config.log_every, config.augment = 10, "none"
+    tiny = dict(depths=(2,), dims=(64,)) if layout == "VIT_REL" else TINY
+    config.model.update(dict(layout=layout, small_images=True, **tiny))
+    summary = train(config, tmp_path)
+    losses = [r["loss"] for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
+    assert losses[-1] < 0.9 * losses[0]
+    assert summary["macs"] > 0
+
+
+def test_layouts_matched_at_a_parameter_count():
+    target = 5e6
+    for layout in ("CCCC", "CCCT", "CCTT", "CTTT"):
+        found = coatnet.match_params(layout, target)
+        model = models.abstract(
+            "coatnet", layout=layout, depths=found["depths"], dims=found["dims"]
+        )
+        assert models.count_params(model) == found["params"]
+        assert abs(found["params"] / target - 1) < 0.1, found
+
+
+@pytest.mark.parametrize(
+    "name,settings,message",
+    [
+        ("coatnet_7", {}, "valid: coatnet_0 ... coatnet_4"),
+        ("coatnet", {"layout": "CCXT"}, "4 letters C/T for S1-S4 or VIT_REL"),
+        ("coatnet", {"layout": "CCT"}, "4 letters C/T for S1-S4 or VIT_REL"),
+        ("coatnet", {"layout": "TCCT"}, "S1 is always C"),
+        (
+            "coatnet",
+            {"depths": (2, 2, 3, 5)},
+            "depths for S0-S4 must be a tuple of 5 positive integers",
+        ),
+        ("coatnet", {"dims": (64, 96, 0, 384, 768)}, "dims for S0-S4 must be 5 positive"),
+        ("coatnet", {"layout": "VIT_REL", "depths": (2, 2, 3, 5, 2)}, "VIT_REL (one stage)"),
+        ("coatnet", {"dims": (64, 96, 192, 400, 768)}, "400 is not divisible by head_size 32"),
+        ("coatnet", {"layout": "VIT_REL", "image_size": 200}, "not divisible by VIT_REL's patch"),
+        ("coatnet_0", {"image_size": 0}, "image_size must be a positive integer"),
+        ("coatnet_0", {"stochastic_depth": -0.1}, "[0, 1)"),
+        ("coatnet_0", {"colour": "red"}, "unexpected keyword argument 'colour'"),
+    ],
+)
+def test_bad_names_and_settings_are_clear_errors(name, settings, message):
+    with pytest.raises(ScalingError, match=re.escape(message)):
+        models.abstract(name, **settings)

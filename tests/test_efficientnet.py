@@ -1,0 +1,234 @@
+"""EfficientNet and the scaling helper: exact sizes, the paper's FLOPs, the rounding rules, the
+FLOPs-target solver, compound scaling, stochastic depth and a short training run."""
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+from conftest import TRAIN_CONFIG
+from flax import nnx
+
+from scaling import ScalingError, flops, models, scale
+from scaling.config import load_config
+from scaling.train import read_metrics, train
+
+# Trainable parameters at 1000 classes, as the reference implementations (TF/Keras) count them.
+PARAMS = {0: 5_288_548, 1: 7_794_184, 2: 9_109_994, 3: 12_233_232}
+# (resolution, multiply-adds) of Tan & Le 2019, Table 2.
+PAPER = {
+    0: (224, 0.39e9),
+    1: (240, 0.70e9),
+    2: (260, 1.0e9),
+    3: (300, 1.8e9),
+    4: (380, 4.2e9),
+    5: (456, 9.9e9),
+    6: (528, 19e9),
+    7: (600, 37e9),
+}
+
+
+@functools.cache
+def variant(v):
+    """(abstract model, its resolution, its multiply-adds) of efficientnet_b{v}, built once."""
+    name = f"efficientnet_b{v}"
+    model, size = models.abstract(name), models.default_image_size(name)
+    return model, size, flops.macs_and_activations(model, size)[0]
+
+
+def feature_map(model, size):
+    """Height and width of the last block's output for one size x size image (shapes only)."""
+    model.eval()
+    graphdef, state = nnx.split(model)
+
+    def features(state, x):
+        m = nnx.merge(graphdef, state)
+        x = m.stem(x)
+        for block in m.blocks:
+            x = block(x)
+        return x
+
+    image = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    return jax.eval_shape(features, state, image).shape[1:3]
+
+
+@pytest.mark.parametrize("v", sorted(PARAMS))
+def test_parameter_counts(v):
+    model, _, _ = variant(v)
+    assert models.count_params(model) == PARAMS[v]
+    assert model.head.out_features == 1000
+
+
+@pytest.mark.parametrize("v", sorted(PAPER))
+def test_macs_match_the_paper(v):
+    model, size, macs = variant(v)
+    assert size == PAPER[v][0]
+    assert abs(macs / PAPER[v][1] - 1) < 0.05
+
+
+def test_variants_round_like_the_reference():
+    b0, b3, b7 = variant(0)[0], variant(3)[0], variant(7)[0]
+    assert len(b0.blocks) == 1 + 2 + 2 + 3 + 3 + 4 + 1
+    # depth 3.1: ceil(3.1 * (1, 2, 2, 3, 3, 4, 1)) = (4, 7, 7, 10, 10, 13, 4)
+    assert len(b7.blocks) == 55
+    # width 1.2: stem 32 -> 38.4 -> 40, head conv 1280 -> 1536, last stage 320 -> 384
+    assert (b3.stem.out_features, b3.top.out_features) == (40, 1536)
+    assert b3.blocks[-1].project.out_features == 384
+    # squeeze-and-excitation: a quarter of the block's input channels (B0's first block: 32 -> 8)
+    assert b0.blocks[0].se_reduce.out_features == 8 and b0.blocks[0].expand is None
+    assert b0.blocks[1].se_reduce.out_features == 4  # input 16, though expanded to 96
+    assert models.default_image_size("efficientnet_b5") == 456
+    assert models.default_image_size("efficientnet") == 224
+    assert models.default_image_size("efficientnet_b0_cifar") == 32
+
+
+def test_rounding_rules_by_hand():
+    rf = scale.round_filters
+    assert rf(32, 1.0) == 32
+    assert rf(32, 1.1) == 32  # 35.2 -> nearest multiple of 8 is 32, 9% under: allowed
+    assert rf(32, 1.2) == 40  # 38.4 -> 40
+    assert rf(1280, 1.1) == 1408  # 1408 exactly
+    assert rf(16, 1.4) == 24  # 22.4 -> 24
+    assert rf(35, 1.0) == 32  # 32 is 8.6% under 35: allowed
+    assert rf(11, 1.0) == 16  # nearest multiple is 8, 27% under 11: one step up
+    assert rf(10, 1.1) == 16  # 11.0 -> 8 would be 27% under: 16
+    assert rf(16, 0.25) == 8  # 4 -> at least the divisor
+    assert rf(8, 0.3) == 8  # 2.4 rounds to 0 -> at least the divisor
+    assert rf(10, 1.0, divisor=1) == 10
+    assert [scale.round_repeats(n, 1.1) for n in (1, 2, 3, 4)] == [2, 3, 4, 5]  # ceil
+    assert scale.round_repeats(4, 3.1) == 13 and scale.round_repeats(2, 0.1) == 1
+    assert scale.round_resolution(224, 1.15) == 258  # 257.6
+    assert scale.round_resolution(224, 1.15, divisor=8) == 256
+    assert scale.round_resolution(32, 1.15**2) == 42  # 42.3
+    c = scale.compound_coefficients(2)
+    assert c == pytest.approx((1.44, 1.21, 1.3225))
+    with pytest.raises(ScalingError, match="positive"):
+        scale.round_filters(16, 0)
+
+
+def test_compound_scaling_about_doubles_macs_per_phi():
+    base = variant(0)[2]
+    ratio = {}
+    for phi in (1, 2):
+        c = scale.compound_coefficients(phi)
+        size = scale.round_resolution(224, c.resolution)
+        model = models.abstract("efficientnet", phi=phi)
+        ratio[phi] = flops.macs_and_activations(model, size)[0] / base
+    # Not exactly 2**phi: alpha * beta**2 * gamma**2 = 1.92, not 2, which is the floor; and
+    # rounding adds: blocks per stage are rounded up (ceil), and B0's stages are short (1, 2, 2,
+    # 3, 3, 4, 1 blocks), so depth 1.2 gives (2, 3, 3, 4, 4, 5, 2): 1.5x the blocks, not 1.2x.
+    # Measured: phi=1 2.57x, phi=2 4.69x. The ceil matters less as depth grows: phi 1 -> 2 is
+    # 1.82x.
+    for phi in (1, 2):
+        assert 1.92**phi <= ratio[phi] <= 1.35 * 2**phi
+    assert abs(ratio[2] / ratio[1] / 2 - 1) < 0.15
+    # phi = 0 is B0; phi scales B0 only, and not together with explicit coefficients.
+    assert models.count_params(models.abstract("efficientnet", phi=0)) == PARAMS[0]
+    with pytest.raises(ScalingError, match="phi scales the B0 baseline"):
+        models.abstract("efficientnet_b3", phi=1)
+    with pytest.raises(ScalingError, match="not both"):
+        models.abstract("efficientnet", phi=1, width_coefficient=1.1)
+
+
+def test_solver_hits_a_macs_target():
+    # Resolution: one pixel more is ~0.6% more MACs at ~320 px, so within 1%.
+    target = 0.8e9
+    sol = scale.solve_for_macs("efficientnet_b0", "resolution", target, 224)
+    assert abs(sol.macs / target - 1) < 0.01
+    assert flops.macs_and_activations(variant(0)[0], sol.image_size)[0] == sol.macs
+    # Width on a CIFAR-sized net: channels step by 8, so within 2% (here with a looser tol).
+    target = 50e6
+    sol = scale.solve_for_macs(
+        "efficientnet_cifar", "width", target, 32, tol=1e-2, depth_coefficient=0.5
+    )
+    assert abs(sol.macs / target - 1) < 0.02
+    assert set(sol.settings) == {"width_coefficient", "depth_coefficient"}
+    model = models.abstract("efficientnet_cifar", **sol.settings)
+    assert flops.macs_and_activations(model, 32)[0] == sol.macs
+    with pytest.raises(ScalingError, match="valid: depth, width, resolution, phi"):
+        scale.solve_for_macs("resnet20", "height", 1e8, 32)
+
+
+def test_resnet_scales_through_the_helper():
+    deep = models.abstract("resnet20", depth_multiplier=1.2)  # ceil(3 * 1.2) = 4 per stage
+    assert len(deep.blocks) == 12
+    assert len(models.abstract("wrn16_2", depth_multiplier=2).blocks) == 12
+    wide = models.abstract("resnet20", width_multiplier=1.1)  # 16 -> 16, 64 -> 70.4 -> 72
+    assert wide.stem.out_features == 16 and wide.blocks[-1].conv2.out_features == 72
+    narrow = models.abstract("resnet20", width_multiplier=0.25)  # 16 -> 4 -> at least 8
+    assert narrow.stem.out_features == 8
+    assert models.count_params(models.abstract("resnet20", depth_multiplier=1.0)) == 269_722
+    # The solver finds ResNet's own setting name (width_multiplier) for the width axis.
+    sol = scale.solve_for_macs("resnet20", "width", 2 * 40.5e6, 32, tol=1e-2)
+    assert set(sol.settings) == {"width_multiplier"} and abs(sol.macs / 81e6 - 1) < 0.05
+    with pytest.raises(ScalingError, match="positive"):
+        models.abstract("resnet20", depth_multiplier=0)
+
+
+@functools.cache
+def tiny():
+    """A small-image B0 shrunk for speed: 10 blocks, 16-80 channels, high drop-connect."""
+    return models.create(
+        "efficientnet_cifar",
+        width_coefficient=0.25,
+        depth_coefficient=0.5,
+        dropout=0.0,
+        drop_connect_rate=0.5,
+        num_classes=7,
+    )
+
+
+@pytest.mark.parametrize("size,grid", [(32, (4, 4)), (48, (6, 6))])
+def test_small_image_variant_shapes(size, grid):
+    model = tiny()
+    model.eval()
+    logits = model(jnp.zeros((2, size, size, 3)))
+    assert logits.shape == (2, 7) and logits.dtype == jnp.float32
+    assert feature_map(model, size) == grid  # total stride 8
+    # The ImageNet form strides 32: a 32x32 image ends at 1x1; same parameters either way.
+    full = models.abstract("efficientnet", width_coefficient=0.25, depth_coefficient=0.5)
+    assert feature_map(full, size) == (-(-size // 32),) * 2
+    assert models.count_params(full) == models.count_params(
+        models.abstract(
+            "efficientnet", width_coefficient=0.25, depth_coefficient=0.5, small_images=True
+        )
+    )
+
+
+def test_stochastic_depth_only_in_training():
+    model = tiny()
+    n = len(model.blocks)
+    assert [b.drop.rate for b in model.blocks] == pytest.approx([0.5 * i / n for i in range(n)])
+    x = jax.random.normal(jax.random.key(0), (8, 16, 16, 3))
+    model.eval()
+    assert jnp.array_equal(model(x), model(x))
+    model.train()  # classifier dropout is 0: only dropped branches can differ
+    assert not jnp.allclose(model(x), model(x))
+
+
+@pytest.mark.parametrize(
+    "name,settings,message",
+    [
+        ("efficientnet_b9", {}, "valid: b0 ... b7"),
+        ("efficientnet", {"width_coefficient": 0}, "positive"),
+        ("efficientnet", {"dropout": 1.0}, "dropout must be in [0, 1)"),
+        ("efficientnet", {"colour": "red"}, "unexpected keyword argument 'colour'"),
+        ("vgg16", {}, "efficientnet_b{0-7}"),
+    ],
+)
+def test_bad_names_and_settings_are_clear_errors(name, settings, message):
+    with pytest.raises(ScalingError, match=re.escape(message)):
+        models.abstract(name, **settings)
+
+
+def test_digits_learns(tmp_path):
+    config = load_config(
+        f"{TRAIN_CONFIG}:model=efficientnet_cifar,image_size=16,steps=30,batch_size=64"
+    )
+    config.model.update(dict(width_coefficient=0.5, depth_coefficient=0.34))
+    config.log_every = 5
+    summary = train(config, tmp_path)
+    curve = [r["loss"] for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
+    assert curve[-1] < 0.5 * curve[0]
+    assert summary["test_accuracy"] > 0.5

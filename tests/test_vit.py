@@ -1,0 +1,195 @@
+"""ViT: exact parameter counts, scan == unrolled, position-embedding resizing, training, errors."""
+
+import json
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import TRAIN_CONFIG
+from flax import nnx
+
+from scaling import ScalingError, flops, models
+from scaling.cli import main as cli_main
+from scaling.config import load_config
+from scaling.models import vit
+from scaling.train import read_metrics, train
+
+# Trainable parameters at 224x224, 1000 classes, class token (timm / the paper's code agree).
+PARAMS = [
+    ("vit_ti16", {}, 5_717_416),
+    ("vit_s16", {}, 22_050_664),
+    ("vit_b16", {}, 86_567_656),
+    ("vit_l16", {}, 304_326_632),
+    ("vit_h14", {}, 632_045_800),
+    ("vit_b16", {"pool": "gap"}, 86_567_656 - 768 - 768),  # no class token or its position
+    ("vit_b16", {"scan": False}, 86_567_656),
+    ("vit_b32", {}, 88_224_232),
+]
+TINY = dict(width=32, depth=3, num_heads=2, mlp_dim=64, num_classes=10)
+
+
+@pytest.mark.parametrize("name,settings,expected", PARAMS)
+def test_parameter_counts(name, settings, expected):
+    assert models.count_params(models.abstract(name, **settings)) == expected
+
+
+def test_named_sizes_default_to_224_and_macs():
+    assert models.default_image_size("vit_b16") == 224
+    model = models.abstract("vit_b16")
+    assert model.pos_embed.shape == (1, 197, 768)
+    assert model.encoder.blocks.attn.qkv.kernel.shape == (12, 768, 3 * 768)  # stacked by scan
+    macs, _ = flops.macs_and_activations(model, 224)
+    assert macs == 17_563_828_224  # the familiar 17.6 GMACs; the scan body counted 12 times
+
+
+def test_scanned_flops_count_every_layer():
+    # XLA's cost analysis counts a loop body once; xla_flops lowers the scan unrolled.
+    scanned = models.abstract("vit_ti16", depth=4)
+    unrolled = models.abstract("vit_ti16", depth=4, scan=False)
+    assert flops.macs_and_activations(scanned, 224) == flops.macs_and_activations(unrolled, 224)
+    assert flops.xla_flops(scanned, 224) == pytest.approx(flops.xla_flops(unrolled, 224), rel=1e-3)
+    assert scanned.encoder.unroll_scan is False  # restored afterwards
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A 3-block ViT on 4x4 patches of 16x16 images, with dropout and stochastic depth."""
+    model = models.create("vit_ti4", image_size=16, dropout=0.1, stochastic_depth=0.3, **TINY)
+    model.head.kernel[...] = jax.random.normal(jax.random.key(1), model.head.kernel.shape)
+    return model
+
+
+def output_shape(model, size):
+    """The model's output shape for a batch of two size x size images, traced only."""
+    graphdef, state = nnx.split(model)
+    x = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
+    return jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x), state, x).shape
+
+
+@pytest.mark.parametrize("pool", ["token", "gap"])
+@pytest.mark.parametrize("size", [16, 32])
+def test_output_shapes_at_two_resolutions(pool, size):
+    model = models.abstract("vit_ti4", image_size=size, pool=pool, **TINY)
+    assert output_shape(model, size) == (2, 10)
+    assert model.pos_embed.shape == (1, (size // 4) ** 2 + (pool == "token"), 32)
+
+
+def test_scan_and_unrolled_give_the_same_outputs(tiny):
+    same = vit.unrolled(tiny)
+    assert isinstance(same.encoder.blocks, nnx.List) and len(same.encoder.blocks) == 3
+    assert models.count_params(same) == models.count_params(tiny)
+    x = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
+    tiny.eval(), same.eval()
+    np.testing.assert_allclose(tiny(x), same(x), rtol=1e-5, atol=1e-5)
+    # Training mode: each layer's dropout stream is the same slice, so the same masks.
+    tiny.train(), same.train()
+    np.testing.assert_allclose(tiny(x), same(x), rtol=1e-5, atol=1e-5)
+
+
+def test_remat_gives_the_same_gradients(tiny):
+    x = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
+    rematted = nnx.clone(tiny)
+    rematted.encoder.remat = True
+    grads = []
+    for model in (tiny, rematted):
+        model.eval()
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        loss = lambda p, r, g=graphdef: nnx.merge(g, p, r, copy=True)(x).sum()  # noqa: E731
+        grads.append(jax.jit(jax.grad(loss))(params, rest))
+    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_dropout_and_stochastic_depth_only_in_training(tiny):
+    x = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
+    tiny.eval()
+    assert jnp.array_equal(tiny(x), tiny(x))
+    tiny.train()
+    assert not jnp.array_equal(tiny(x), tiny(x))
+
+
+def test_resize_keeps_values_at_the_original_size(tiny):
+    same = vit.resize(tiny, 16)
+    assert jnp.array_equal(same.pos_embed[...], tiny.pos_embed[...])
+    x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+    tiny.eval(), same.eval()
+    assert jnp.array_equal(tiny(x), same(x))
+
+    bigger = vit.resize(tiny, 32)
+    assert bigger.pos_embed.shape == (1, 1 + 8 * 8, 32)
+    assert tiny.pos_embed.shape == (1, 1 + 4 * 4, 32)  # the original is untouched
+    # The class token's embedding is kept; a constant grid stays constant; a ramp stays a ramp.
+    assert jnp.array_equal(bigger.pos_embed[:, 0], tiny.pos_embed[:, 0])
+    ramp = jnp.broadcast_to(jnp.arange(4.0)[None, :, None], (4, 4, 3)).reshape(1, 16, 3)
+    up = vit.resize_position_embedding(ramp, 8, num_prefix_tokens=0).reshape(8, 8, 3)
+    assert jnp.allclose(up[:, 0], 0.0) and jnp.allclose(up[:, -1], 3.0)
+    assert jnp.all(jnp.diff(up[0, :, 0]) > 0) and jnp.allclose(up, up[:1])  # along x only
+    assert output_shape(bigger, 32) == (2, 10)
+    # Parameters other than the position embeddings are shared in value.
+    assert jnp.array_equal(bigger.head.kernel[...], tiny.head.kernel[...])
+
+
+def test_trains_on_digits(tmp_path):
+    config = load_config(
+        f"{TRAIN_CONFIG}:model=vit_ti4,image_size=16,steps=30,batch_size=64,optimizer=adam,lr=0.002"
+    )
+    config.log_every = 10
+    config.model.update(dict(width=64, depth=2, num_heads=2, mlp_dim=128, remat=True))
+    summary = train(config, tmp_path)
+    losses = [r["loss"] for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
+    assert losses[-1] < 0.9 * losses[0]
+    assert (
+        summary["params"]
+        == models.count_params(
+            models.abstract("vit_ti4", image_size=16, width=64, depth=2, num_heads=2, mlp_dim=128)
+        )
+        - 990 * 64
+        - 990
+    )  # built with the data's 10 classes, not 1000
+    assert summary["macs"] > 0 and summary["flops"] > summary["macs"]
+
+
+def test_info_passes_the_image_size(capsys):
+    cli_main(["info", "vit_ti4", "--image-size", "32", "--set", "depth=2"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["image_size"] == 32 and out["num_classes"] == 1000
+    tokens = 1 + 8 * 8
+    assert (
+        out["params"]
+        == 4 * 4 * 3 * 192
+        + 192
+        + 192
+        + tokens * 192
+        + 2 * (4 * 192 + 192 * 576 + 576 + 192 * 192 + 192 + 192 * 768 + 768 + 768 * 192 + 192)
+        + 2 * 192
+        + 192 * 1000
+        + 1000
+    )
+
+
+@pytest.mark.parametrize(
+    "name,settings,message",
+    [
+        ("vit_x16", {}, "valid: ti, s, b, l, h"),
+        ("vit_b16", {"image_size": 100}, "not divisible by the patch size 16"),
+        ("vit_b16", {"pool": "cls"}, "valid: token, gap"),
+        ("vit_b16", {"num_heads": 5}, "not divisible by num_heads 5"),
+        ("vit_b16", {"depth": 0}, "depth must be a positive integer"),
+        ("vit_b0", {}, "patch_size must be a positive integer"),
+        ("vit_b16", {"stochastic_depth": 1.0}, "[0, 1)"),
+        ("vit_b16", {"colour": "red"}, "unexpected keyword argument 'colour'"),
+    ],
+)
+def test_bad_names_and_settings_are_clear_errors(name, settings, message):
+    with pytest.raises(ScalingError, match=re.escape(message)):
+        models.abstract(name, **settings)
+
+
+def test_wrong_resolution_is_a_clear_error():
+    model = models.abstract("vit_ti4", image_size=16, **TINY)
+    with pytest.raises(ScalingError, match="built for 16x16 images, got 32x32"):
+        output_shape(model, 32)
+    with pytest.raises(ScalingError, match="not divisible by the patch size 4"):
+        vit.resize(model, 30)
