@@ -31,6 +31,7 @@ tokens instead of 4x4 / 2x2 / 1x1. `match_params` picks widths so that layouts c
 at a matched parameter count.
 """
 
+import functools
 import math
 import re
 
@@ -234,6 +235,100 @@ def patch_size(small_images):
     return 8 if small_images else 16
 
 
+def plan(layout, depths, dims, image_size, small_images, settings):
+    """Validate a CoAtNet's shape; return (depths, dims, blocks), each block as
+    (kind, cin, cout, stride, grid side)."""
+    layout = check_layout(layout)
+    vit_rel = layout == "VIT_REL"
+    n = 1 if vit_rel else 5
+    default_depths, default_dims = VIT_REL_DEFAULTS if vit_rel else SIZES[0]
+    what = "for VIT_REL (one stage)" if vit_rel else "for S0-S4"
+    depths = _positive_ints(default_depths if depths is None else depths, n, f"depths {what}")
+    dims = _positive_ints(default_dims if dims is None else dims, n, f"dims {what}")
+    for key in ("image_size", "num_classes", "head_size", "expansion"):
+        value = image_size if key == "image_size" else settings[key]
+        if not isinstance(value, int) or value < 1:
+            raise ScalingError(f"CoAtNet {key} must be a positive integer, got {value!r}")
+    if not 0 < settings["se_ratio"] <= 1:
+        raise ScalingError(f"se_ratio must be in (0, 1], got {settings['se_ratio']}")
+    for key in ("dropout", "attention_dropout", "stochastic_depth"):
+        if not 0 <= settings[key] < 1:
+            raise ScalingError(f"{key} must be in [0, 1), got {settings[key]}")
+    if vit_rel:
+        patch = patch_size(small_images)
+        if image_size % patch:
+            raise ScalingError(
+                f"image_size {image_size} is not divisible by VIT_REL's patch size {patch}; "
+                f"valid sizes are multiples of {patch}"
+            )
+        plan = [("T", dims[0], 1, image_size // patch)] * depths[0]
+    else:
+        sizes = feature_sizes(image_size, small_images)
+        stages = zip(layout, dims[1:], depths[1:], sizes[1:], strict=True)
+        plan = [
+            (kind, dim, 2 if j == 0 else 1, size)
+            for kind, dim, depth, size in stages
+            for j in range(depth)
+        ]
+    cins = [dims[0]] + [cout for _, cout, _, _ in plan[:-1]]
+    blocks = [(k, cin, cout, s, g) for cin, (k, cout, s, g) in zip(cins, plan, strict=True)]
+    for kind, _, cout, _, _ in blocks:
+        if kind == "T" and cout % settings["head_size"]:
+            raise ScalingError(
+                f"transformer stage width {cout} is not divisible by head_size "
+                f"{settings['head_size']}"
+            )
+    return depths, dims, blocks
+
+
+def make_block(kind, cin, cout, stride, grid, *, rate, settings, dtype, rngs):
+    if kind == "C":
+        return MBConv(
+            cin,
+            cout,
+            stride,
+            expansion=settings["expansion"],
+            se_ratio=settings["se_ratio"],
+            stochastic_depth=rate,
+            dtype=dtype,
+            rngs=rngs,
+        )
+    return TransformerBlock(
+        cin,
+        cout,
+        stride,
+        (grid, grid),
+        head_size=settings["head_size"],
+        stochastic_depth=rate,
+        dropout=settings["attention_dropout"],
+        dtype=dtype,
+        rngs=rngs,
+    )
+
+
+class Stem(nnx.Module):
+    """S0: `layers` 3x3 convs (the first strided unless small_images), BN + GELU between them;
+    the first block's pre-norm follows the last. VIT_REL: one patch x patch conv, stride patch."""
+
+    def __init__(self, cin, width, layers, *, vit_rel, small_images, dtype, rngs):
+        if vit_rel:
+            patch = patch_size(small_images)
+            convs = [_conv(cin, width, patch, stride=patch, bias=True, dtype=dtype, rngs=rngs)]
+        else:
+            convs = [
+                _conv(c, width, 3, stride=1 if i or small_images else 2, dtype=dtype, rngs=rngs)
+                for i, c in enumerate([cin] + [width] * (layers - 1))
+            ]
+        self.convs = nnx.List(convs)
+        self.norms = nnx.List([_batch_norm(width, dtype, rngs) for _ in convs[1:]])
+
+    def __call__(self, x):
+        x = self.convs[0](x)
+        for conv, norm in zip(self.convs[1:], self.norms, strict=True):
+            x = conv(_gelu(norm(x)))
+        return x
+
+
 class CoAtNet(nnx.Module):
     """CoAtNet with any layout, depths and widths, for `image_size` x `image_size` inputs."""
 
@@ -257,100 +352,45 @@ class CoAtNet(nnx.Module):
         in_channels=3,
         rngs: nnx.Rngs,
     ):
-        layout = check_layout(layout)
-        vit_rel = layout == "VIT_REL"
-        n = 1 if vit_rel else 5
-        default_depths, default_dims = VIT_REL_DEFAULTS if vit_rel else SIZES[0]
-        what = "for VIT_REL (one stage)" if vit_rel else "for S0-S4"
-        depths = _positive_ints(default_depths if depths is None else depths, n, f"depths {what}")
-        dims = _positive_ints(default_dims if dims is None else dims, n, f"dims {what}")
-        for key, value in dict(
-            image_size=image_size,
+        settings = dict(
             num_classes=num_classes,
             head_size=head_size,
             expansion=expansion,
-        ).items():
-            if not isinstance(value, int) or value < 1:
-                raise ScalingError(f"CoAtNet {key} must be a positive integer, got {value!r}")
-        if not 0 < se_ratio <= 1:
-            raise ScalingError(f"se_ratio must be in (0, 1], got {se_ratio}")
-        for key, value in dict(
-            dropout=dropout, attention_dropout=attention_dropout, stochastic_depth=stochastic_depth
-        ).items():
-            if not 0 <= value < 1:
-                raise ScalingError(f"{key} must be in [0, 1), got {value}")
+            se_ratio=se_ratio,
+            dropout=dropout,
+            attention_dropout=attention_dropout,
+            stochastic_depth=stochastic_depth,
+        )
+        depths, dims, blocks = plan(layout, depths, dims, image_size, small_images, settings)
         self.layout, self.image_size, self.small_images = layout, image_size, small_images
-
-        if vit_rel:
-            patch = patch_size(small_images)
-            if image_size % patch:
-                raise ScalingError(
-                    f"image_size {image_size} is not divisible by VIT_REL's patch size {patch}; "
-                    f"valid sizes are multiples of {patch}"
-                )
-            embed = _conv(
-                in_channels, dims[0], patch, stride=patch, bias=True, dtype=dtype, rngs=rngs
-            )
-            self.stem = nnx.List([embed])
-            self.stem_norms = nnx.List([])
-            plan = [("T", dims[0], 1, image_size // patch)] * depths[0]
-        else:
-            stem = [
-                _conv(c, dims[0], 3, stride=1 if i or small_images else 2, dtype=dtype, rngs=rngs)
-                for i, c in enumerate([in_channels] + [dims[0]] * (depths[0] - 1))
-            ]
-            self.stem = nnx.List(stem)
-            # BN + GELU between stem convs; the first block's pre-norm follows the last conv.
-            self.stem_norms = nnx.List(
-                [_batch_norm(dims[0], dtype, rngs) for _ in range(depths[0] - 1)]
-            )
-            sizes = feature_sizes(image_size, small_images)
-            stages = zip(layout, dims[1:], depths[1:], sizes[1:], strict=True)
-            plan = [
-                (kind, dim, 2 if j == 0 else 1, size)
-                for kind, dim, depth, size in stages
-                for j in range(depth)
-            ]
+        self.stem = Stem(
+            in_channels,
+            dims[0],
+            depths[0],
+            vit_rel=layout == "VIT_REL",
+            small_images=small_images,
+            dtype=dtype,
+            rngs=rngs,
+        )
         # Stochastic depth grows linearly from 0 to `stochastic_depth` over the blocks.
-        rates = np.linspace(0, stochastic_depth, len(plan)) if len(plan) > 1 else [0.0]
-        blocks, cin = [], dims[0]
-        for (kind, cout, stride, size), rate in zip(plan, rates, strict=True):
-            if kind == "C":
-                block = MBConv(
-                    cin,
-                    cout,
-                    stride,
-                    expansion=expansion,
-                    se_ratio=se_ratio,
-                    stochastic_depth=float(rate),
-                    dtype=dtype,
-                    rngs=rngs,
-                )
-            else:
-                block = TransformerBlock(
-                    cin,
-                    cout,
-                    stride,
-                    (size, size),
-                    head_size=head_size,
-                    stochastic_depth=float(rate),
-                    dropout=attention_dropout,
-                    dtype=dtype,
-                    rngs=rngs,
-                )
-            blocks.append(block)
-            cin = cout
-        self.blocks = nnx.List(blocks)
-        self.norm = nnx.LayerNorm(cin, epsilon=LN_EPSILON, dtype=dtype, rngs=rngs)
+        rates = np.linspace(0, stochastic_depth, len(blocks)) if len(blocks) > 1 else [0.0]
+        self.blocks = nnx.List(
+            [
+                make_block(*b, rate=float(r), settings=settings, dtype=dtype, rngs=rngs)
+                for b, r in zip(blocks, rates, strict=True)
+            ]
+        )
+        width = blocks[-1][2]
+        self.norm = nnx.LayerNorm(width, epsilon=LN_EPSILON, dtype=dtype, rngs=rngs)
         # A dense + tanh "pre-logits" layer of the final width, as in the authors' MaxViT code
         # and timm's paper configs; the paper's parameter counts include it.
         self.pre_logits = nnx.data(
-            nnx.Linear(cin, cin, kernel_init=dense_init, dtype=dtype, rngs=rngs)
+            nnx.Linear(width, width, kernel_init=dense_init, dtype=dtype, rngs=rngs)
             if pre_logits
             else None
         )
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
-        self.head = nnx.Linear(cin, num_classes, dtype=dtype, rngs=rngs)
+        self.head = nnx.Linear(width, num_classes, dtype=dtype, rngs=rngs)
 
     def __call__(self, x):
         if x.shape[1] != self.image_size or x.shape[2] != self.image_size:
@@ -359,15 +399,70 @@ class CoAtNet(nnx.Module):
                 f"{x.shape[1]}x{x.shape[2]}; build it with image_size={x.shape[1]} or use "
                 "scaling.models.coatnet.resize"
             )
-        x = self.stem[0](x)
-        for conv, norm in zip(self.stem[1:], self.stem_norms, strict=True):
-            x = conv(_gelu(norm(x)))
+        x = self.stem(x)
         for block in self.blocks:
             x = block(x)
         x = self.norm(jnp.mean(x, axis=(1, 2)))
         if self.pre_logits is not None:
             x = jnp.tanh(self.pre_logits(x))
         return self.head(self.dropout(x)).astype(jnp.float32)
+
+
+def count_params(
+    layout="CCTT",
+    depths=None,
+    dims=None,
+    *,
+    image_size=224,
+    small_images=False,
+    num_classes=1000,
+    head_size=32,
+    expansion=4,
+    se_ratio=0.25,
+    pre_logits=True,
+    in_channels=3,
+    **unused,
+):
+    """Trainable parameters of `CoAtNet(layout=..., ...)`, fast: each distinct block is built
+    shape-only on its own (a whole deep network traced at once costs seconds), the rest summed.
+    Equal to `models.count_params` of the whole model (a test checks)."""
+    settings = dict(
+        num_classes=num_classes,
+        head_size=head_size,
+        expansion=expansion,
+        se_ratio=se_ratio,
+        dropout=0.0,
+        attention_dropout=0.0,
+        stochastic_depth=0.0,
+    )
+    depths, dims, blocks = plan(layout, depths, dims, image_size, small_images, settings)
+    key = tuple(sorted(settings.items()))
+    blocks_total = sum(_block_params(block, key) for block in blocks)
+    vit_rel = layout == "VIT_REL"
+    stem = functools.partial(
+        Stem,
+        in_channels,
+        dims[0],
+        depths[0],
+        vit_rel=vit_rel,
+        small_images=small_images,
+        dtype=None,
+    )
+    width = blocks[-1][2]
+    head = 2 * width + (width * width + width if pre_logits else 0) + (width + 1) * num_classes
+    return _params(stem) + blocks_total + head
+
+
+def _params(make):
+    from scaling.models import count_params as count
+
+    return count(nnx.eval_shape(lambda: make(rngs=nnx.Rngs(0))))
+
+
+@functools.lru_cache(maxsize=4096)
+def _block_params(block, settings):
+    make = functools.partial(make_block, *block, rate=0.0, settings=dict(settings), dtype=None)
+    return _params(make)
 
 
 def stage_grids(model: CoAtNet, image_size):
@@ -404,57 +499,71 @@ def resize(model: CoAtNet, image_size: int) -> CoAtNet:
     return new
 
 
-def match_params(layout, target_params, *, depths=None, num_classes=1000, head_size=32, **kw):
+def match_params(layout, target_params, *, depths=None, num_classes=1000, head_size=32, **settings):
     """`depths` and `dims` for `layout` with about `target_params` trainable parameters.
 
-    Depths stay fixed (CoAtNet-0's, or 12 blocks for VIT_REL, unless given); the widths keep
-    CoAtNet-0's proportions 64:96:192:384:768 (one width for VIT_REL) and are scaled by one
-    factor, found by a few secant steps on log(parameters), rounded to multiples of 8 (of
-    `head_size` in T stages). Returns dict(layout, depths, dims, params).
+    Depths stay fixed (CoAtNet-0's unless given); the widths keep CoAtNet-0's proportions
+    64:96:192:384:768, rounded to multiples of 8 (of `head_size` in T stages), scaled by one
+    factor: a few secant steps on log(parameters), then the best of the neighbouring factors.
+    VIT_REL (one width, a multiple of `head_size`) also picks its depth unless given, since
+    its width steps are coarse. `settings` are other CoAtNet settings (image_size,
+    small_images, expansion, ...). Returns dict(layout, depths, dims, params).
     """
-    from scaling.models import count_params
-
     layout = check_layout(layout)
     if not isinstance(target_params, (int, float)) or target_params < 1:
         raise ScalingError(f"target_params must be positive, got {target_params!r}")
     vit_rel = layout == "VIT_REL"
     ratios = (4,) if vit_rel else (2 / 3, 1, 2, 4, 8)
-    kinds = "T" if vit_rel else "CC" + layout[1:]
+    kinds = "T" if vit_rel else "C" + layout
+    free_depth = vit_rel and depths is None
     depths = tuple(depths or (VIT_REL_DEFAULTS if vit_rel else SIZES[0])[0])
+    error = lambda params: abs(math.log(params / target_params))  # noqa: E731
 
     def dims_at(scale):
-        return tuple(
-            max(q, q * round(scale * r / q))
-            for r, q in zip(ratios, [head_size if k == "T" else 8 for k in kinds], strict=True)
+        steps = [head_size if k == "T" else 8 for k in kinds]
+        return tuple(max(q, q * round(scale * r / q)) for r, q in zip(ratios, steps, strict=True))
+
+    def params_at(dims, depths=depths):
+        return count_params(
+            layout, depths, dims, num_classes=num_classes, head_size=head_size, **settings
         )
 
-    def params_at(dims):
-        model = nnx.eval_shape(
-            lambda: CoAtNet(
-                layout=layout,
-                depths=depths,
-                dims=dims,
-                num_classes=num_classes,
-                head_size=head_size,
-                rngs=nnx.Rngs(0),
-                **kw,
-            )
-        )
-        return count_params(model)
+    def best_depth(dims):
+        """VIT_REL: the depth that brings `dims` closest to the target, and its count."""
+        one, two = params_at(dims, (1,)), params_at(dims, (2,))
+        blocks = max(1, round((target_params - one) / (two - one)) + 1)
+        return (blocks,), params_at(dims, (blocks,))
+
+    def candidate(scale):
+        dims = dims_at(scale)
+        if free_depth:
+            return (*best_depth(dims), dims)
+        return depths, params_at(dims), dims
 
     scale = 96.0 * math.sqrt(target_params / 25e6)  # CoAtNet-0: S1 width 96 at 25M
-    best = None
-    for _ in range(8):
-        dims = dims_at(scale)
-        params = params_at(dims)
-        if best is None or abs(math.log(params / target_params)) < abs(
-            math.log(best[1] / target_params)
-        ):
-            best = (dims, params)
-        if abs(params / target_params - 1) < 0.02:
+    for _ in range(6):  # parameters grow ~ width squared
+        params = candidate(scale)[1]
+        if error(params) < 0.01:
             break
-        scale *= math.sqrt(target_params / params)  # parameters grow ~ width squared
-    return dict(layout=layout, depths=depths, dims=best[0], params=best[1])
+        scale *= math.sqrt(target_params / params)
+    found = [candidate(scale * f) for f in (0.9, 0.95, 1.0, 1.05, 1.1)]
+    depths, params, dims = min(found, key=lambda c: error(c[1]))
+    # Rounding steps are coarse in narrow nets (32 channels in a T stage): nudge single stages.
+    steps = [head_size if k == "T" else 8 for k in kinds]
+    for _ in range(3):
+        if error(params) < 0.02:
+            break
+        trials = [
+            dims[:i] + (dims[i] + sign * steps[i],) + dims[i + 1 :]
+            for i in reversed(range(len(dims)))
+            for sign in (1, -1)
+            if dims[i] + sign * steps[i] >= steps[i]
+        ]
+        counted = [(params_at(t, depths), t) for t in trials]
+        if not counted or min(error(c) for c, _ in counted) >= error(params):
+            break
+        params, dims = min(counted, key=lambda c: error(c[0]))
+    return dict(layout=layout, depths=depths, dims=dims, params=params)
 
 
 def create(name, *, image_size=None, **settings):

@@ -1,0 +1,243 @@
+"""Sweeps: combinators, stable trial names, resumable runs, failures, multi-host, launchers."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from conftest import ROOT, scaling_cli
+
+from scaling import ScalingError, sweep
+from scaling.config import load_config
+from scaling.launch import Launch, hosts, skypilot_task, tpu_commands
+from scaling.train import read_metrics
+
+WRN_STUDY = str(ROOT / "configs" / "wrn_width_depth.py")
+TINY = "depths=10,widths=1+2,seeds=2,steps=6,image_size=8,batch_size=32"
+
+
+def test_combinators():
+    grid = sweep.product(sweep.axis("a", [1, 2]), sweep.axis("b", "xyz"))
+    assert len(grid) == 6 and grid[0] == {"a": 1, "b": "x"} and grid[-1] == {"a": 2, "b": "z"}
+    pairs = sweep.paired(sweep.axis("a", [1, 2]), sweep.axis("b", [3, 4]))
+    assert pairs == [{"a": 1, "b": 3}, {"a": 2, "b": 4}]
+    both = sweep.chain(pairs, sweep.fixed({"a": 9}))
+    assert both == [{"a": 1, "b": 3}, {"a": 2, "b": 4}, {"a": 9}]
+    assert sweep.product(both, sweep.fixed({"c": 0}))[2] == {"a": 9, "c": 0}
+    with pytest.raises(ScalingError, match="equal lengths"):
+        sweep.paired(sweep.axis("a", [1, 2]), sweep.axis("b", [3]))
+
+
+def test_trial_names_are_stable_and_readable():
+    assert sweep.trial_name({"model.name": "wrn16_4", "seed": 0}) == "name=wrn16_4,seed=0"
+    assert sweep.trial_name({"lr": 0.1, "model.depths": (2, 3)}) == "lr=0.1,depths=2x3"
+    # The same last component twice: the full keys keep the name unambiguous.
+    assert sweep.trial_name({"a.name": 1, "b.name": 2}) == "a.name=1,b.name=2"
+    long = sweep.trial_name({"x": "y" * 300})
+    assert len(long) <= 120 and long == sweep.trial_name({"x": "y" * 300})
+    assert sweep.trial_name({"path": "a/b c"}) == "path=a_b_c"
+
+
+def test_overrides_must_name_existing_keys():
+    study = load_config(f"{WRN_STUDY}:{TINY}")
+    trials = sweep.expand(study)
+    assert [t.config.model.name for t in trials] == ["wrn10_1", "wrn10_1", "wrn10_2", "wrn10_2"]
+    assert [t.config.seed for t in trials] == [0, 1, 0, 1]
+    config = sweep.apply_overrides(study.base, {"model.width_multiplier": 0.5, "lr": 0.2})
+    assert config.model.width_multiplier == 0.5 and config.lr == 0.2 and study.base.lr == 0.1
+    with pytest.raises(ScalingError, match="does not exist"):
+        sweep.apply_overrides(study.base, {"learning_rate": 0.1})
+    with pytest.raises(ScalingError, match="batch_size"):
+        sweep.apply_overrides(study.base, {"batch_size": "large"})
+    study.trials = study.trials + study.trials[:1]
+    with pytest.raises(ScalingError, match="same trial twice"):
+        sweep.expand(study)
+
+
+def test_dry_run_lists_without_running(tmp_path):
+    out = scaling_cli("sweep", "--config", f"{WRN_STUDY}:{TINY}", "--workdir", str(tmp_path / "w"),
+                      "--dry-run")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == f"4 trials in {tmp_path / 'w'}"
+    assert lines[1].split() == [
+        "name=wrn10_1,seed=0",
+        '{"model.name":',
+        '"wrn10_1",',
+        '"seed":',
+        "0}",
+    ]
+    assert not (tmp_path / "w").exists()
+
+
+def _sweep_args(workdir, study=f"{WRN_STUDY}:{TINY}"):
+    return [
+        sys.executable,
+        "-m",
+        "scaling.cli",
+        "sweep",
+        "--config",
+        study,
+        "--workdir",
+        str(workdir),
+    ]
+
+
+def test_killed_sweep_finishes_on_rerun(tmp_path):
+    workdir = tmp_path / "study"
+    first, second = workdir / "name=wrn10_1,seed=0", workdir / "name=wrn10_1,seed=1"
+    proc = subprocess.Popen(_sweep_args(workdir), cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 240
+
+    # Kill everything (sweep and trial) once the second trial has finished a checkpoint (orbax
+    # writes into a temporary directory and renames it to the step number when complete).
+    def checkpointed():
+        ckpts = second / "checkpoints"
+        return ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir())
+
+    while not checkpointed():
+        assert time.time() < deadline and proc.poll() is None, "the sweep ended too soon"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (second / "summary.json").exists()
+    index = sweep.read_index(workdir)
+    assert index[second.name]["state"] == "running"  # as the kill left it
+    finished = (first / "summary.json").stat().st_mtime_ns
+
+    rerun = subprocess.run([*_sweep_args(workdir), "--parallel", "2"], cwd=ROOT,
+                           capture_output=True, text=True)  # fmt: skip
+    assert rerun.returncode == 0, rerun.stderr
+    assert "4 trials: 1 finished or skipped, 3 to run" in rerun.stdout
+    assert (first / "summary.json").stat().st_mtime_ns == finished  # untouched
+    assert "resumed from step" in (second / "train.log").read_text()
+    for trial in workdir.iterdir():
+        if trial.is_dir():
+            steps = [r["step"] for r in read_metrics(trial / "metrics.jsonl") if "loss" in r]
+            assert steps == [6], trial  # every trial done exactly once, no duplicated steps
+            assert json.loads((trial / "summary.json").read_text())["steps"] == 6
+    assert {r["state"] for r in sweep.read_index(workdir).values()} == {"done"}
+
+    # A third run has nothing to do; a changed study is refused, not mixed in.
+    again = subprocess.run(_sweep_args(workdir), cwd=ROOT, capture_output=True, text=True)
+    assert "4 finished or skipped, 0 to run" in again.stdout
+    changed = scaling_cli("sweep", "--config", f"{WRN_STUDY}:{TINY}", "--config.base.lr=0.5",
+                          "--workdir", str(workdir))  # fmt: skip
+    assert changed.returncode == 2 and "the study changed: 4 trial(s)" in changed.stderr
+
+
+def test_failing_trial_does_not_stop_the_others(tmp_path):
+    study_file = tmp_path / "study.py"
+    study_file.write_text(
+        "import ml_collections\n"
+        "from scaling import sweep\n"
+        "from scaling.config import load_config\n"
+        "def get_config(arg=None):\n"
+        "    c = ml_collections.ConfigDict()\n"
+        f"    c.base = load_config('{ROOT}/configs/train.py:model=resnet8,image_size=8,steps=3,"
+        "batch_size=32')\n"
+        "    c.trials = sweep.axis('model.name', ['resnet9', 'resnet8'])\n"
+        "    return c\n"
+    )
+    args = _sweep_args(tmp_path / "w", str(study_file))
+    out = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 1  # not everything finished
+    index = sweep.read_index(tmp_path / "w")
+    assert index["name=resnet8"]["state"] == "done"
+    assert index["name=resnet9"]["state"] == "failed"
+    assert "6n+2" in index["name=resnet9"]["error"]
+    again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+    assert "0 to run" in again.stdout  # failed trials wait for --retry-failed
+    retry = subprocess.run([*args, "--retry-failed"], cwd=ROOT, capture_output=True, text=True)
+    assert "1 to run" in retry.stdout and "name=resnet9: failed" in retry.stdout
+
+
+def test_two_processes_equal_one(tmp_path):
+    """Two JAX processes (one CPU device each, gloo collectives) = one process, same batch."""
+    config = "configs/train.py:model=resnet8,image_size=16,steps=6,batch_size=64,lr=0.01"
+    base = [sys.executable, "-m", "scaling.cli", "train", "--config", config,
+            "--config.log_every=1", "--config.checkpoint_every=3"]  # fmt: skip
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [
+        subprocess.Popen([*base, "--workdir", str(tmp_path / "two"), "--coordinator",
+                          f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in range(2)
+    ]  # fmt: skip
+    outputs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    one = subprocess.run([*base, "--workdir", str(tmp_path / "one")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=240)  # fmt: skip
+    assert one.returncode == 0, one.stderr
+    two_summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert two_summary["devices"] == 2
+    losses = [[r["loss"] for r in read_metrics(d / "metrics.jsonl") if "loss" in r]
+              for d in (tmp_path / "one", tmp_path / "two")]  # fmt: skip
+    assert len(losses[1]) == 6  # one metrics writer: no line written twice
+    # Equal to float rounding at first, then compounding slowly (see the 8-device test).
+    np.testing.assert_allclose(losses[0][:3], losses[1][:3], rtol=1e-5)
+    np.testing.assert_allclose(losses[0], losses[1], rtol=5e-4)
+
+
+def _launch(accelerator, **kw):
+    return Launch(study=["--config", "configs/wrn_width_depth.py:seeds=2"], name="wrn",
+                  zone="us-central2-b", accelerator=accelerator, bucket="gs://bkt/studies",
+                  num_trials=18, **kw)  # fmt: skip
+
+
+def test_launcher_single_host_v4_8():
+    commands = [" ".join(c) for c in tpu_commands(_launch("v4-8"))]
+    assert commands[0] == "git archive --format=tar.gz -o scaling-src.tar.gz HEAD"
+    assert commands[1] == (
+        "gcloud compute tpus tpu-vm create wrn --zone us-central2-b --accelerator-type v4-8 "
+        "--version tpu-ubuntu2204-base --spot"
+    )
+    assert "--worker=all" in commands[2] and "scp scaling-src.tar.gz wrn:~/" in commands[2]
+    assert 'pip install -q -e ".[tpu]"' in commands[3]
+    run = commands[4]
+    assert "gcsfuse --implicit-dirs --only-dir studies bkt ~/bucket" in run
+    assert run.endswith(
+        "scaling sweep --config configs/wrn_width_depth.py:seeds=2 --workdir ../bucket/wrn "
+        "--shard 0/1"
+    )  # one host: no --distributed
+    assert commands[5] == "gcloud compute tpus tpu-vm delete wrn --zone us-central2-b --quiet"
+    assert commands[6] == "gcloud storage rsync -r gs://bkt/studies/wrn runs/wrn"
+    assert len(commands) == 7
+
+
+def test_launcher_multi_host_v4_32_split_across_vms():
+    assert hosts("v4-8") == 1 and hosts("v4-32") == 4 and hosts("v5p-128") == 16
+    commands = [" ".join(c) for c in tpu_commands(_launch("v4-32", trials_per_vm=5, queued=True))]
+    creates = [c for c in commands if " create " in c]
+    assert len(creates) == 4  # 18 trials, 5 per VM
+    assert creates[3] == (
+        "gcloud compute tpus queued-resources create wrn-3 --node-id wrn-3 --zone us-central2-b "
+        "--accelerator-type v4-32 --runtime-version tpu-ubuntu2204-base --spot"
+    )
+    runs = [c for c in commands if "scaling sweep" in c]
+    assert [r.split("--shard ")[1] for r in runs] == [f"{i}/4 --distributed" for i in range(4)]
+    assert all("--worker=all" in r for r in runs)
+    assert sum("queued-resources delete" in c for c in commands) == 4
+
+
+def test_skypilot_task_and_bad_launches():
+    task = skypilot_task(_launch("v4-32"))
+    assert "accelerators: tpu-v4-32" in task and "use_spot: true" in task
+    assert "source: gs://bkt/studies" in task
+    assert "run: scaling sweep --config configs/wrn_width_depth.py:seeds=2 --workdir " \
+           "/results/wrn --shard 0/1 --distributed" in task  # fmt: skip
+    with pytest.raises(ScalingError, match="unknown accelerator"):
+        _launch("a100-8")
+    with pytest.raises(ScalingError, match="gs://"):
+        Launch(["--config", "x.py"], "wrn", "z", "v4-8", "s3://b", num_trials=1)
+    out = scaling_cli("launch", "tpu", "--config", WRN_STUDY, "--name", "Bad_Name", "--zone", "z",
+                      "--accelerator", "v4-8", "--bucket", "gs://b")  # fmt: skip
+    assert out.returncode == 2 and "--name" in out.stderr
