@@ -9,11 +9,15 @@ global batch is sharded along its first axis, so XLA splits the work and BatchNo
 (a mean over the batch axis) cover the whole global batch.
 """
 
+import contextlib
 import functools
 import json
 import math
 import os
 import shutil
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -194,6 +198,36 @@ def evaluate(eval_step, state, images, labels, *, batch_size, sharding):
     return totals["loss"] / totals["count"], totals["correct"] / totals["count"]
 
 
+def restore_latest(checkpoints, state):
+    """The newest readable checkpoint (or `state` when there is none). An unreadable one (a
+    truncated or corrupted file) is reported, deleted and the previous one tried."""
+    for step in sorted(checkpoints.all_steps(), reverse=True):
+        try:
+            return checkpoints.restore(step, args=ocp.args.StandardRestore(state))
+        except Exception as e:  # orbax and tensorstore raise many kinds for a damaged file
+            reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            print(
+                f"checkpoint {step} is unreadable ({reason}); deleting it and falling back",
+                file=sys.stderr,
+            )
+            checkpoints.delete(step)
+    return state
+
+
+@contextlib.contextmanager
+def stop_on_sigterm():
+    """An event set by SIGTERM (what a preempted VM gets), so the loop can checkpoint and stop."""
+    event = threading.Event()
+    if threading.current_thread() is not threading.main_thread():  # signals reach main only
+        yield event
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: event.set())
+    try:
+        yield event
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def host_slice(indices):
     """This host's contiguous share of a global batch (all of it on a single host)."""
     return np.array_split(indices, jax.process_count())[jax.process_index()]
@@ -337,19 +371,21 @@ def train(config: ml_collections.ConfigDict, workdir, *, overwrite=False, stop_a
         ),
     )
     metrics_path = workdir / "metrics.jsonl"
-    start, wall_before = 0, 0.0
-    if (latest := checkpoints.latest_step()) is not None:
-        state = checkpoints.restore(latest, args=ocp.args.StandardRestore(state))
-        start = int(state["step"])
-        # Steps after the checkpoint are redone: drop their records so none is duplicated.
-        kept = [r for r in read_metrics(metrics_path) if r["step"] <= start]
-        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        wall_before = max((r["wall_time"] for r in kept), default=0.0)
-        if start >= total_steps and (workdir / "summary.json").exists():
-            print(f"{workdir} already holds a finished run")
-            return json.loads((workdir / "summary.json").read_text())
-        print(f"resumed from step {start} in {workdir}")
+    state = restore_latest(checkpoints, state)
+    start = int(state["step"])
     is_writer = jax.process_index() == 0
+    # Steps after the checkpoint are redone: drop their records (and any line a kill cut short).
+    kept = [r for r in read_metrics(metrics_path) if r["step"] <= start]
+    if is_writer and metrics_path.exists():
+        tmp = metrics_path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, metrics_path)
+    wall_before = max((r["wall_time"] for r in kept), default=0.0)
+    if start >= total_steps and (workdir / "summary.json").exists():
+        print(f"{workdir} already holds a finished run")
+        return json.loads((workdir / "summary.json").read_text())
+    if start:
+        print(f"resumed from step {start} in {workdir}")
 
     def log(record):
         if is_writer:
@@ -361,41 +397,47 @@ def train(config: ml_collections.ConfigDict, workdir, *, overwrite=False, stop_a
     end = total_steps if stop_after is None else min(total_steps, start + stop_after)
     window_start, last_finite_loss = time.perf_counter(), None
     bar = tqdm(total=total_steps, initial=start, unit="step", disable=None, dynamic_ncols=True)
-    for step in range(start, end):
-        idx = host_slice(batch_indices(step, n_train, config.batch_size, config.seed))
-        batch = to_global((ds.train_images[idx], ds.train_labels[idx]), batch_sharding)
-        state = train_step(state, *batch)
-        done = step + 1
-        if done % config.log_every == 0 or done == total_steps:
-            sums = jax.device_get(state["metric_sums"])
-            state = reset_sums(state)
-            means = {k: float(sums[k] / sums["steps"]) for k in ("loss", "accuracy")}
-            if not math.isfinite(means["loss"]):
-                log(dict(step=done, loss=means["loss"], diverged=True, wall_time=wall()))
-                raise Diverged(
-                    f"loss became {means['loss']} by step {done}; last finite loss "
-                    f"{last_finite_loss} (learning rate {schedule(step):.3g})"
+    with stop_on_sigterm() as preempted:
+        for step in range(start, end):
+            idx = host_slice(batch_indices(step, n_train, config.batch_size, config.seed))
+            batch = to_global((ds.train_images[idx], ds.train_labels[idx]), batch_sharding)
+            state = train_step(state, *batch)
+            done = step + 1
+            if done % config.log_every == 0 or done == total_steps:
+                sums = jax.device_get(state["metric_sums"])
+                state = reset_sums(state)
+                means = {k: float(sums[k] / sums["steps"]) for k in ("loss", "accuracy")}
+                if not math.isfinite(means["loss"]):
+                    log(dict(step=done, loss=means["loss"], diverged=True, wall_time=wall()))
+                    raise Diverged(
+                        f"loss became {means['loss']} by step {done}; last finite loss "
+                        f"{last_finite_loss} (learning rate {schedule(step):.3g})"
+                    )
+                last_finite_loss = means["loss"]
+                steps_timed = min(config.log_every, done - start)
+                rate = steps_timed * config.batch_size / (time.perf_counter() - window_start)
+                log(
+                    dict(
+                        step=done,
+                        **means,
+                        learning_rate=float(schedule(step)),
+                        images_per_second=rate,
+                        examples_seen=done * config.batch_size,
+                        wall_time=wall(),
+                    )
                 )
-            last_finite_loss = means["loss"]
-            steps_timed = min(config.log_every, done - start)
-            rate = steps_timed * config.batch_size / (time.perf_counter() - window_start)
-            log(
-                dict(
-                    step=done,
-                    **means,
-                    learning_rate=float(schedule(step)),
-                    images_per_second=rate,
-                    examples_seen=done * config.batch_size,
-                    wall_time=wall(),
-                )
-            )
-            bar.set_postfix(loss=f"{means['loss']:.3f}", acc=f"{means['accuracy']:.3f}")
-            window_start = time.perf_counter()
-        if config.eval_every and done % config.eval_every == 0 and done < total_steps:
-            loss, acc = run_eval(state, ds.test_images, ds.test_labels)
-            log(dict(step=done, test_loss=loss, test_accuracy=acc, wall_time=wall()))
-        checkpoints.save(done, args=ocp.args.StandardSave(state), force=done == end)
-        bar.update(1)
+                bar.set_postfix(loss=f"{means['loss']:.3f}", acc=f"{means['accuracy']:.3f}")
+                window_start = time.perf_counter()
+            if config.eval_every and done % config.eval_every == 0 and done < total_steps:
+                loss, acc = run_eval(state, ds.test_images, ds.test_labels)
+                log(dict(step=done, test_loss=loss, test_accuracy=acc, wall_time=wall()))
+            if preempted.is_set():  # SIGTERM: checkpoint now and leave, resumable
+                end = done
+                print(f"SIGTERM: stopping at step {done}", file=sys.stderr)
+            checkpoints.save(done, args=ocp.args.StandardSave(state), force=done == end)
+            bar.update(1)
+            if done == end:
+                break
     bar.close()
     checkpoints.wait_until_finished()
     if end < total_steps:

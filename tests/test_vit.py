@@ -53,12 +53,27 @@ def test_scanned_flops_count_every_layer():
     assert scanned.encoder.unroll_scan is False  # restored afterwards
 
 
+def with_values(model, seed=0):
+    """An abstract model given arbitrary values: much cheaper than initialising it here."""
+    graphdef, state = nnx.split(model)
+    rng = np.random.default_rng(seed)
+
+    def fill(x):
+        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.split(jax.random.key(seed), x.shape)
+        return jnp.asarray(rng.normal(0, 0.5, x.shape), x.dtype)
+
+    return nnx.merge(graphdef, jax.tree.map(fill, state))
+
+
+forward = nnx.jit(lambda model, x: model(x))
+
+
 @pytest.fixture(scope="module")
 def tiny():
     """A 3-block ViT on 4x4 patches of 16x16 images, with dropout and stochastic depth."""
-    model = models.create("vit_ti4", image_size=16, dropout=0.1, stochastic_depth=0.3, **TINY)
-    model.head.kernel[...] = jax.random.normal(jax.random.key(1), model.head.kernel.shape)
-    return model
+    settings = dict(image_size=16, dropout=0.1, stochastic_depth=0.3, **TINY)
+    return with_values(models.abstract("vit_ti4", **settings))
 
 
 def output_shape(model, size):
@@ -82,10 +97,10 @@ def test_scan_and_unrolled_give_the_same_outputs(tiny):
     assert models.count_params(same) == models.count_params(tiny)
     x = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
     tiny.eval(), same.eval()
-    np.testing.assert_allclose(tiny(x), same(x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(forward(tiny, x), forward(same, x), rtol=1e-5, atol=1e-5)
     # Training mode: each layer's dropout stream is the same slice, so the same masks.
     tiny.train(), same.train()
-    np.testing.assert_allclose(tiny(x), same(x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(forward(tiny, x), forward(same, x), rtol=1e-5, atol=1e-5)
 
 
 def test_remat_gives_the_same_gradients(tiny):
@@ -105,9 +120,9 @@ def test_remat_gives_the_same_gradients(tiny):
 def test_dropout_and_stochastic_depth_only_in_training(tiny):
     x = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
     tiny.eval()
-    assert jnp.array_equal(tiny(x), tiny(x))
+    assert jnp.array_equal(forward(tiny, x), forward(tiny, x))
     tiny.train()
-    assert not jnp.array_equal(tiny(x), tiny(x))
+    assert not jnp.array_equal(forward(tiny, x), forward(tiny, x))
 
 
 def test_resize_keeps_values_at_the_original_size(tiny):
@@ -115,7 +130,7 @@ def test_resize_keeps_values_at_the_original_size(tiny):
     assert jnp.array_equal(same.pos_embed[...], tiny.pos_embed[...])
     x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
     tiny.eval(), same.eval()
-    assert jnp.array_equal(tiny(x), same(x))
+    assert jnp.array_equal(forward(tiny, x), forward(same, x))
 
     bigger = vit.resize(tiny, 32)
     assert bigger.pos_embed.shape == (1, 1 + 8 * 8, 32)
@@ -133,9 +148,9 @@ def test_resize_keeps_values_at_the_original_size(tiny):
 
 def test_trains_on_digits(tmp_path):
     config = load_config(
-        f"{TRAIN_CONFIG}:model=vit_ti4,image_size=16,steps=30,batch_size=64,optimizer=adam,lr=0.002"
+        f"{TRAIN_CONFIG}:model=vit_ti4,image_size=16,steps=30,batch_size=64,optimizer=adam,lr=0.003"
     )
-    config.log_every = 10
+    config.log_every, config.augment = 10, "none"  # pad-4 crops of 16x16 digits slow a tiny ViT
     config.model.update(dict(width=64, depth=2, num_heads=2, mlp_dim=128, remat=True))
     summary = train(config, tmp_path)
     losses = [r["loss"] for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]

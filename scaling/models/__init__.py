@@ -31,10 +31,11 @@ def create(name: str, *, seed: int = 0, image_size: int | None = None, **setting
             settings.pop("image_size", None)
         try:
             model = family.create(name, rngs=nnx.Rngs(seed), **settings)
-        except TypeError as e:
-            if "unexpected keyword argument" not in str(e):
-                raise
-            raise ScalingError(f"{name}: {str(e).split('() ')[-1]}") from None
+        except ScalingError:
+            raise
+        except (TypeError, ValueError) as e:  # a setting of the wrong name, type or value
+            reason = str(e).splitlines()[0].split("() ")[-1]
+            raise ScalingError(f"{name}: invalid settings {sorted(settings)}: {reason}") from None
         if model is not None:
             return model
     valid = "; ".join(f.NAMES for f in FAMILIES)

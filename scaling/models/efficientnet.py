@@ -31,8 +31,11 @@ else changes: the same blocks, channels and parameters; multiply-adds grow ~16x 
 import functools
 import re
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.nnx.nn.dtypes import promote_dtype
+from jax import lax
 
 from scaling import ScalingError
 from scaling.scale import compound_coefficients, round_filters, round_repeats
@@ -74,7 +77,10 @@ dense_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_out", "uniform")
 class Layers:
     """The conv/norm/dense constructors shared by one network's blocks."""
 
-    def __init__(self, dtype, rngs):
+    def __init__(self, dtype, depthwise, rngs):
+        if depthwise not in ("shift", "conv"):
+            raise ScalingError(f"unknown depthwise {depthwise!r}; valid: shift, conv")
+        self.dtype, self.depthwise = dtype, depthwise
         self.conv = functools.partial(
             nnx.Conv, use_bias=False, kernel_init=conv_init, dtype=dtype, rngs=rngs
         )
@@ -85,6 +91,73 @@ class Layers:
         self.rngs = rngs
 
 
+def _depthwise_xla(x, kernel, stride):
+    """Depthwise 'SAME' convolution as one XLA grouped convolution."""
+    return lax.conv_general_dilated(
+        x,
+        kernel,
+        (stride, stride),
+        "SAME",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=x.shape[-1],
+    )
+
+
+def _depthwise_shift(x, kernel, stride):
+    """The same convolution as a sum over the k*k taps of shifted, strided slices of the padded
+    input times per-channel weights: elementwise work that XLA fuses into one loop, 5-15x faster
+    than its grouped convolution on CPU, forward and backward. Accumulates in float32."""
+    k, n, h, w, c = kernel.shape[0], *x.shape
+    oh, ow = -(-h // stride), -(-w // stride)
+    ph, pw = max((oh - 1) * stride + k - h, 0), max((ow - 1) * stride + k - w, 0)
+    x = jnp.pad(x, ((0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)))
+    out = jnp.zeros((n, oh, ow, c), jnp.float32)
+    for i in range(k):
+        for j in range(k):
+            end = (n, i + (oh - 1) * stride + 1, j + (ow - 1) * stride + 1, c)
+            tap = lax.slice(x, (0, i, j, 0), end, (1, stride, stride, 1))
+            out = out + tap.astype(jnp.float32) * kernel[i, j, 0].astype(jnp.float32)
+    return out.astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def depthwise_conv(x, kernel, stride):
+    """Depthwise convolution: XLA's grouped convolution when evaluated, so that FLOP counts (which
+    read convolutions off the jaxpr) see it; the shifted-slice form when differentiated, forward
+    and backward, because that is what makes training fast (see `_depthwise_shift`)."""
+    return _depthwise_xla(x, kernel, stride)
+
+
+def _depthwise_fwd(x, kernel, stride):
+    return _depthwise_shift(x, kernel, stride), (x, kernel)
+
+
+def _depthwise_bwd(stride, residuals, grad):
+    _, vjp = jax.vjp(lambda x, kernel: _depthwise_shift(x, kernel, stride), *residuals)
+    return vjp(grad)
+
+
+depthwise_conv.defvjp(_depthwise_fwd, _depthwise_bwd)
+
+
+class DepthwiseConv(nnx.Module):
+    """A bias-free depthwise kxk conv with 'SAME' padding; its kernel has nnx.Conv's layout
+    (k, k, 1, channels). `impl` 'shift' differentiates through the shifted-slice form
+    (`depthwise_conv`); 'conv' uses XLA's grouped convolution throughout."""
+
+    def __init__(self, channels, kernel, stride, layers):
+        key = layers.rngs.params()
+        self.kernel = nnx.Param(depthwise_init(key, (kernel, kernel, 1, channels)))
+        self.in_features = self.out_features = channels
+        self.stride, self.dtype, self.impl = stride, layers.dtype, layers.depthwise
+
+    def __call__(self, x):
+        x, kernel = promote_dtype((x, self.kernel[...]), dtype=self.dtype)
+        if self.impl == "conv":
+            return _depthwise_xla(x, kernel, self.stride)
+        return depthwise_conv(x, kernel, self.stride)
+
+
 class MBConv(nnx.Module):
     """Mobile inverted bottleneck with squeeze-and-excitation and stochastic depth."""
 
@@ -92,14 +165,7 @@ class MBConv(nnx.Module):
         mid = cin * expand
         self.expand = nnx.data(layers.conv(cin, mid, (1, 1)) if expand != 1 else None)
         self.expand_norm = nnx.data(layers.norm(mid) if expand != 1 else None)
-        self.depthwise = layers.conv(
-            mid,
-            mid,
-            (kernel, kernel),
-            strides=stride,
-            feature_group_count=mid,
-            kernel_init=depthwise_init,
-        )
+        self.depthwise = DepthwiseConv(mid, kernel, stride, layers)
         self.depthwise_norm = layers.norm(mid)
         squeezed = max(1, int(cin * SE_RATIO))
         self.se_reduce = layers.dense(mid, squeezed)
@@ -132,6 +198,7 @@ class EfficientNet(nnx.Module):
         dropout=0.2,
         drop_connect_rate=0.2,
         small_images=False,
+        depthwise="shift",
         num_classes=1000,
         dtype=None,
         in_channels=3,
@@ -144,7 +211,7 @@ class EfficientNet(nnx.Module):
         for key, rate in (("dropout", dropout), ("drop_connect_rate", drop_connect_rate)):
             if not 0 <= rate < 1:
                 raise ScalingError(f"{key} must be in [0, 1), got {rate}")
-        layers = Layers(dtype, rngs)
+        layers = Layers(dtype, depthwise, rngs)
         width = lambda c: round_filters(c, width_coefficient)  # noqa: E731
 
         stem_width = width(STEM_WIDTH)

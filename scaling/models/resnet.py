@@ -172,10 +172,12 @@ class ResNet(nnx.Module):
     ):
         if len(stage_sizes) != len(widths) or min(stage_sizes, default=0) < 1:
             raise ScalingError(f"need >= 1 block per stage and one width each, got {stage_sizes}")
-        if width_multiplier <= 0 or depth_multiplier <= 0 or num_classes < 1:
+        if not (width_multiplier > 0 and depth_multiplier > 0 and num_classes >= 1):  # and not NaN
             raise ScalingError(
                 "width_multiplier, depth_multiplier and num_classes must be positive"
             )
+        if not (0 <= dropout < 1 and 0 <= block_dropout < 1):
+            raise ScalingError(f"dropout rates must be in [0, 1), got {dropout}, {block_dropout}")
         blocks = {"basic": BasicBlock, "bottleneck": BottleneckBlock}
         if block not in blocks:
             raise ScalingError(f"unknown block {block!r}; valid: {', '.join(blocks)}")
