@@ -141,8 +141,13 @@ def launch(args, config_args):
         launcher.execute(commands)
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, as for every other bad input
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(prog="scaling", description=__doc__)
+    parser = Parser(prog="scaling", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="parameters, FLOPs and activations of a model, as JSON")
     p.add_argument("model", help="model name, e.g. resnet20, wrn28_10, resnet50")
@@ -199,10 +204,23 @@ def build_parser():
     return parser  # fmt: skip
 
 
+def enable_compilation_cache():
+    """Keep compiled programs on disk (JAX's persistent cache), so the trials of a sweep that
+    share an architecture compile it once. $JAX_COMPILATION_CACHE_DIR, if set, wins."""
+    import jax
+
+    from scaling.data import cache_directory
+
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", str(cache_directory() / "jax"))
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
+    if args.command in ("train", "info"):
+        enable_compilation_cache()
     commands = {"train": train, "sweep": sweep, "launch": launch}
     try:
         if rest and args.command == "info":

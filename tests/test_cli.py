@@ -33,7 +33,7 @@ def test_info_defaults_to_the_model_resolution_and_takes_settings():
         (["info", "wrn22_0"], "k must be >= 1"),
         (["info", "resnet20", "--set", "width_multiplier=0"], "positive"),
         (["info", "resnet20", "--image-size", "0"], "image size must be positive"),
-        (["train", "--config", TRAIN_CONFIG], "usage"),
+        (["train", "--config", TRAIN_CONFIG], "required: --workdir"),
         (
             ["train", "--config", TRAIN_CONFIG, "--config.no_such_key=1", "--workdir", "x"],
             "no_such_key",
@@ -51,7 +51,7 @@ def test_bad_input_is_one_line_and_exit_2(args, message):
 def test_train_command_runs_and_resumes(tmp_path):
     args = ["train", "--config", f"{TRAIN_CONFIG}:model=resnet8,image_size=8,steps=6,batch_size=32",
             "--config.log_every=3", "--workdir", str(tmp_path)]  # fmt: skip
-    first = scaling_cli(*args, "--stop_after=3")
+    first = scaling_cli(*args, "--stop-after=3")
     assert first.returncode == 0, first.stderr
     assert "stopped early" in first.stdout
     second = scaling_cli(*args)

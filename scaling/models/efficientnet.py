@@ -77,7 +77,7 @@ dense_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_out", "uniform")
 class Layers:
     """The conv/norm/dense constructors shared by one network's blocks."""
 
-    def __init__(self, dtype, depthwise, rngs):
+    def __init__(self, dtype, depthwise, bn_momentum, rngs):
         if depthwise not in ("shift", "conv"):
             raise ScalingError(f"unknown depthwise {depthwise!r}; valid: shift, conv")
         self.dtype, self.depthwise = dtype, depthwise
@@ -85,7 +85,7 @@ class Layers:
             nnx.Conv, use_bias=False, kernel_init=conv_init, dtype=dtype, rngs=rngs
         )
         self.norm = functools.partial(
-            nnx.BatchNorm, momentum=0.99, epsilon=1e-3, dtype=dtype, rngs=rngs
+            nnx.BatchNorm, momentum=bn_momentum, epsilon=1e-3, dtype=dtype, rngs=rngs
         )
         self.dense = functools.partial(nnx.Linear, kernel_init=conv_init, dtype=dtype, rngs=rngs)
         self.rngs = rngs
@@ -199,6 +199,7 @@ class EfficientNet(nnx.Module):
         drop_connect_rate=0.2,
         small_images=False,
         depthwise="shift",
+        bn_momentum=0.99,
         num_classes=1000,
         dtype=None,
         in_channels=3,
@@ -208,10 +209,11 @@ class EfficientNet(nnx.Module):
             raise ScalingError("width_coefficient and depth_coefficient must be positive")
         if num_classes < 1:
             raise ScalingError(f"num_classes must be positive, got {num_classes}")
-        for key, rate in (("dropout", dropout), ("drop_connect_rate", drop_connect_rate)):
+        rates = dict(dropout=dropout, drop_connect_rate=drop_connect_rate, bn_momentum=bn_momentum)
+        for key, rate in rates.items():
             if not 0 <= rate < 1:
                 raise ScalingError(f"{key} must be in [0, 1), got {rate}")
-        layers = Layers(dtype, depthwise, rngs)
+        layers = Layers(dtype, depthwise, bn_momentum, rngs)
         width = lambda c: round_filters(c, width_coefficient)  # noqa: E731
 
         stem_width = width(STEM_WIDTH)
