@@ -77,8 +77,13 @@ def make_optimizer(config, total_steps):
     if name not in OPTIMIZERS:
         raise ScalingError(f"unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}")
     schedule = make_schedule(config, total_steps)
-    # Decay conv and dense kernels only: biases and norm scales are not regularised.
-    kernels = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)  # noqa: E731
+
+    # Decay conv and dense kernels only, found by name (a scanned stack of norm scales is 2-D
+    # too): biases, norm scales, position embeddings and relative-bias tables are not decayed.
+    def kernels(params):
+        is_kernel = lambda path, _: any(getattr(k, "key", None) == "kernel" for k in path)  # noqa: E731
+        return jax.tree_util.tree_map_with_path(is_kernel, params)
+
     if name in DECOUPLED_DECAY:
         settings.update(weight_decay=config.weight_decay, mask=kernels)
     try:

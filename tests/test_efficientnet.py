@@ -12,6 +12,7 @@ from flax import nnx
 
 from scaling import ScalingError, flops, models, scale
 from scaling.config import load_config
+from scaling.models import efficientnet
 from scaling.train import read_metrics, train
 
 # Trainable parameters at 1000 classes, as the reference implementations (TF/Keras) count them.
@@ -132,11 +133,17 @@ def test_compound_scaling_about_doubles_macs_per_phi():
 
 
 def test_solver_hits_a_macs_target():
-    # Resolution: one pixel more is ~0.6% more MACs at ~320 px, so within 1%.
+    # Resolution: MACs jump where a size crosses a multiple of a stride ('SAME' rounds up), most
+    # at multiples of 32 (+21% from 320 to 321 px); the solver returns the closest size: 320 px
+    # for 0.8 GMACs, 1.8% under the target.
     target = 0.8e9
     sol = scale.solve_for_macs("efficientnet_b0", "resolution", target, 224)
-    assert abs(sol.macs / target - 1) < 0.01
-    assert flops.macs_and_activations(variant(0)[0], sol.image_size)[0] == sol.macs
+    assert abs(sol.macs / target - 1) < 0.05
+    b0 = variant(0)[0]
+    assert flops.macs_and_activations(b0, sol.image_size)[0] == sol.macs
+    for size in (sol.image_size - 1, sol.image_size + 1):
+        other = flops.macs_and_activations(b0, size)[0]
+        assert abs(other - target) >= abs(sol.macs - target)
     # Width on a CIFAR-sized net: channels step by 8, so within 2% (here with a looser tol).
     target = 50e6
     sol = scale.solve_for_macs(
@@ -168,43 +175,69 @@ def test_resnet_scales_through_the_helper():
 
 @functools.cache
 def tiny():
-    """A small-image B0 shrunk for speed: 10 blocks, 16-80 channels, high drop-connect."""
+    """A small-image B0 at half width and depth (10 blocks, 16-160 channels, 10 classes: the
+    digits run below reuses its compiled initialisers), with a high drop-connect rate."""
     return models.create(
         "efficientnet_cifar",
-        width_coefficient=0.25,
+        width_coefficient=0.5,
         depth_coefficient=0.5,
         dropout=0.0,
         drop_connect_rate=0.5,
-        num_classes=7,
     )
+
+
+forward = nnx.jit(lambda model, x: model(x))
 
 
 @pytest.mark.parametrize("size,grid", [(32, (4, 4)), (48, (6, 6))])
 def test_small_image_variant_shapes(size, grid):
     model = tiny()
     model.eval()
-    logits = model(jnp.zeros((2, size, size, 3)))
-    assert logits.shape == (2, 7) and logits.dtype == jnp.float32
+    logits = forward(model, jnp.zeros((8, size, size, 3)))
+    assert logits.shape == (8, 10) and logits.dtype == jnp.float32
     assert feature_map(model, size) == grid  # total stride 8
     # The ImageNet form strides 32: a 32x32 image ends at 1x1; same parameters either way.
-    full = models.abstract("efficientnet", width_coefficient=0.25, depth_coefficient=0.5)
-    assert feature_map(full, size) == (-(-size // 32),) * 2
-    assert models.count_params(full) == models.count_params(
-        models.abstract(
-            "efficientnet", width_coefficient=0.25, depth_coefficient=0.5, small_images=True
-        )
+    full = models.abstract(
+        "efficientnet", width_coefficient=0.5, depth_coefficient=0.5, num_classes=10
     )
+    assert feature_map(full, size) == (-(-size // 32),) * 2
+    assert models.count_params(full) == models.count_params(model)
 
 
 def test_stochastic_depth_only_in_training():
     model = tiny()
     n = len(model.blocks)
     assert [b.drop.rate for b in model.blocks] == pytest.approx([0.5 * i / n for i in range(n)])
-    x = jax.random.normal(jax.random.key(0), (8, 16, 16, 3))
+    x = jax.random.normal(jax.random.key(0), (8, 32, 32, 3))
     model.eval()
-    assert jnp.array_equal(model(x), model(x))
+    assert jnp.array_equal(forward(model, x), forward(model, x))
     model.train()  # classifier dropout is 0: only dropped branches can differ
-    assert not jnp.allclose(model(x), model(x))
+    assert not jnp.allclose(forward(model, x), forward(model, x))
+    model.eval()
+
+
+@pytest.mark.parametrize("size,kernel,stride", [(9, 3, 1), (10, 5, 2), (7, 3, 2)])
+def test_depthwise_gradients_match_xla_convolution(size, kernel, stride):
+    # Training differentiates the shifted-slice form; it must be the same function as XLA's
+    # grouped convolution (odd sizes and stride 2 check the 'SAME' padding).
+    x = jax.random.normal(jax.random.key(0), (2, size, size, 8))
+    w = jax.random.normal(jax.random.key(1), (kernel, kernel, 1, 8))
+
+    def loss(conv):
+        return jax.jit(
+            jax.value_and_grad(lambda x, w: jnp.sum(jnp.sin(conv(x, w, stride))), (0, 1))
+        )
+
+    (y1, g1), (y2, g2) = (
+        loss(efficientnet._depthwise_xla)(x, w),
+        loss(efficientnet.depthwise_conv)(x, w),
+    )
+    assert float(y1) == pytest.approx(float(y2), rel=1e-5)
+    for a, b in zip(g1, g2, strict=True):
+        assert jnp.allclose(a, b, atol=1e-4)
+    # Evaluated (not differentiated), it is one XLA convolution, so FLOP counts see it.
+    jaxpr = jax.make_jaxpr(lambda x, w: efficientnet.depthwise_conv(x, w, stride))(x, w)
+    assert "conv_general_dilated" in str(jaxpr)
 
 
 @pytest.mark.parametrize(
@@ -213,6 +246,7 @@ def test_stochastic_depth_only_in_training():
         ("efficientnet_b9", {}, "valid: b0 ... b7"),
         ("efficientnet", {"width_coefficient": 0}, "positive"),
         ("efficientnet", {"dropout": 1.0}, "dropout must be in [0, 1)"),
+        ("efficientnet", {"depthwise": "fft"}, "valid: shift, conv"),
         ("efficientnet", {"colour": "red"}, "unexpected keyword argument 'colour'"),
         ("vgg16", {}, "efficientnet_b{0-7}"),
     ],
@@ -223,12 +257,18 @@ def test_bad_names_and_settings_are_clear_errors(name, settings, message):
 
 
 def test_digits_learns(tmp_path):
+    # A small-image B0 at half width and a quarter depth (one block per stage), with its default
+    # dropout and drop-connect. Two departures from the ResNet defaults, both needed to learn in
+    # 30 steps: lr 0.02 (SGD at 0.1 is unstable through the squeeze-and-excitation gates), and
+    # no pad-4 crop (a quarter of a 16-pixel digit); BatchNorm momentum 0.9 so that 30 steps
+    # give usable statistics for evaluation.
     config = load_config(
-        f"{TRAIN_CONFIG}:model=efficientnet_cifar,image_size=16,steps=30,batch_size=64"
+        f"{TRAIN_CONFIG}:model=efficientnet_cifar,image_size=16,steps=30,batch_size=64,lr=0.02"
     )
-    config.model.update(dict(width_coefficient=0.5, depth_coefficient=0.34))
+    config.model.update(dict(width_coefficient=0.5, depth_coefficient=0.25, bn_momentum=0.9))
+    config.augment = "none"
     config.log_every = 5
     summary = train(config, tmp_path)
     curve = [r["loss"] for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
-    assert curve[-1] < 0.5 * curve[0]
-    assert summary["test_accuracy"] > 0.5
+    assert curve[-1] < 0.3 * curve[0]  # measured: 2.86 -> 0.13
+    assert summary["test_accuracy"] > 0.4  # chance is 0.1; measured 0.62

@@ -194,3 +194,21 @@ def test_bad_optimizer_names_and_settings(tiny_config):
     config.optimizer = {"name": "sgdd"}
     with pytest.raises(ScalingError, match="valid: sgd, adam"):
         make_optimizer(config, 10)
+
+
+def test_weight_decay_reaches_kernels_only():
+    import jax
+    import jax.numpy as jnp
+
+    from scaling.train import make_optimizer
+
+    for name in ("sgd", "adamw"):
+        config = load_config(f"{TRAIN_CONFIG}:optimizer={name},lr=0.1,schedule=constant")
+        config.weight_decay = 0.5
+        tx, _ = make_optimizer(config, 10)
+        params = {"conv": {"kernel": jnp.ones((3, 3)), "bias": jnp.ones(3)},
+                  "norm": {"scale": jnp.ones((2, 3))}}  # fmt: skip
+        zero = jax.tree.map(jnp.zeros_like, params)
+        new = optax.apply_updates(params, tx.update(zero, tx.init(params), params)[0])
+        assert float(new["conv"]["kernel"][0, 0]) < 1, name
+        assert float(new["conv"]["bias"][0]) == 1 and float(new["norm"]["scale"][0, 0]) == 1

@@ -98,9 +98,6 @@ def test_scan_and_unrolled_give_the_same_outputs(tiny):
     x = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
     tiny.eval(), same.eval()
     np.testing.assert_allclose(forward(tiny, x), forward(same, x), rtol=1e-5, atol=1e-5)
-    # Training mode: each layer's dropout stream is the same slice, so the same masks.
-    tiny.train(), same.train()
-    np.testing.assert_allclose(forward(tiny, x), forward(same, x), rtol=1e-5, atol=1e-5)
 
 
 def test_remat_rematerialises_the_scanned_blocks(tiny):

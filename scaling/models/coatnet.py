@@ -427,21 +427,26 @@ def count_params(
     se_ratio=0.25,
     pre_logits=True,
     in_channels=3,
-    **unused,
+    dropout=0.0,
+    attention_dropout=0.0,
+    stochastic_depth=0.0,
+    dtype=None,
 ):
     """Trainable parameters of `CoAtNet(layout=..., ...)`, fast: each distinct block is built
     shape-only on its own (a whole deep network traced at once costs seconds), the rest summed.
-    Equal to `models.count_params` of the whole model (a test checks)."""
+    Equal to `models.count_params` of the whole model (a test checks). Dropout rates and dtype
+    change no count; they are accepted so that any model's settings can be passed."""
     settings = dict(
         num_classes=num_classes,
         head_size=head_size,
         expansion=expansion,
         se_ratio=se_ratio,
-        dropout=0.0,
-        attention_dropout=0.0,
-        stochastic_depth=0.0,
+        dropout=dropout,
+        attention_dropout=attention_dropout,
+        stochastic_depth=stochastic_depth,
     )
     depths, dims, blocks = plan(layout, depths, dims, image_size, small_images, settings)
+    settings.update(dropout=0.0, attention_dropout=0.0, stochastic_depth=0.0)  # validated above
     key = tuple(sorted(settings.items()))
     blocks_total = sum(_block_params(block, key) for block in blocks)
     vit_rel = layout == "VIT_REL"
