@@ -12,7 +12,7 @@ from pathlib import Path
 import ml_collections
 
 from scaling import sweep
-from scaling.config import load_config, parse_arg
+from scaling.config import parse_arg
 
 
 def get_config(arg=None):
@@ -26,11 +26,10 @@ def get_config(arg=None):
         widths="1+2+4",  # widening factors k
         seeds=1,
     )
-    train = Path(__file__).with_name("train.py")
     c = ml_collections.ConfigDict()
-    c.base = load_config(
-        f"{train}:dataset={arg['dataset']},image_size={arg['image_size']},"
-        f"steps={arg['steps']},batch_size={arg['batch_size']}"
+    c.base = sweep.base_config(
+        Path(__file__).with_name("train.py"),
+        **{k: arg[k] for k in ("dataset", "image_size", "steps", "batch_size")},
     )
     c.base.log_every = 10
     c.base.checkpoint_every = max(arg["steps"] // 4, 1)

@@ -33,6 +33,7 @@ from pathlib import Path
 import ml_collections
 
 from scaling import Diverged, ScalingError
+from scaling.config import load_config
 from scaling.train import config_conflicts, json_config, write_json_atomic
 
 STATES = ("pending", "running", "done", "failed", "diverged")
@@ -69,6 +70,11 @@ def paired(*sweeps) -> list[dict]:
 def chain(*sweeps) -> list[dict]:
     """One sweep after another (concatenation)."""
     return [trial for sweep in sweeps for trial in sweep]
+
+
+def base_config(train_file, **variant) -> ml_collections.ConfigDict:
+    """A study's base: the training config file with its argument string built from `variant`."""
+    return load_config(f"{train_file}:" + ",".join(f"{k}={v}" for k, v in variant.items()))
 
 
 # ---- Trials ----
@@ -114,8 +120,9 @@ def apply_overrides(base: ml_collections.ConfigDict, overrides: dict):
         if leaf not in node and path != ["model"]:
             raise ScalingError(f"trial override {key!r} names a key that does not exist")
         try:
-            node[leaf] = value
-        except TypeError as e:
+            with config.unlocked():  # config files load locked; model settings may be new keys
+                node[leaf] = value
+        except (TypeError, KeyError) as e:
             raise ScalingError(f"trial override {key}={value!r}: {e}") from None
     return config
 

@@ -241,3 +241,20 @@ def test_skypilot_task_and_bad_launches():
     out = scaling_cli("launch", "tpu", "--config", WRN_STUDY, "--name", "Bad_Name", "--zone", "z",
                       "--accelerator", "v4-8", "--bucket", "gs://b")  # fmt: skip
     assert out.returncode == 2 and "--name" in out.stderr
+
+
+@pytest.mark.parametrize("study", sorted(p.name for p in (ROOT / "configs").glob("*.py")
+                                         if p.name != "train.py"))  # fmt: skip
+def test_example_studies_expand_to_buildable_models(study):
+    from scaling import models
+
+    trials = sweep.expand(load_config(str(ROOT / "configs" / study)))
+    assert len(trials) >= 4
+    built = {}
+    for t in trials:
+        settings = {k: v for k, v in t.config.model.items() if k != "name"}
+        key = json.dumps([t.config.model.name, settings], sort_keys=True, default=str)
+        if key not in built:  # each distinct model once, shapes only
+            model = models.abstract(t.config.model.name, image_size=t.config.image_size, **settings)
+            built[key] = models.count_params(model)
+    assert all(n > 0 for n in built.values())
