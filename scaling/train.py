@@ -120,14 +120,19 @@ def cross_entropy(logits, labels, smoothing=0.0):
     return optax.softmax_cross_entropy(logits, targets)
 
 
-def make_steps(config, train_def, eval_def, tx, mean, std):
-    """The pure train and eval step functions, closed over the static pieces."""
-    base_key = jax.random.key(config.seed)
-    normalize = lambda x: (x.astype(jnp.float32) - mean) / std  # noqa: E731
+def normalize(images, state):
+    run = state["run"]
+    return (images.astype(jnp.float32) - run["pixel_mean"]) / run["pixel_std"]
+
+
+def make_steps(config, train_def, eval_def, tx):
+    """The pure train and eval step functions, closed over the static pieces. The seed's key
+    and the pixel statistics travel in the state, not in the program, so trials that differ
+    only in seed or data subset share one compiled step (JAX's compilation cache)."""
 
     def train_step(state, images, labels):
-        key = jax.random.fold_in(base_key, state["step"])
-        images = normalize(augment(images, key, config.augment))
+        key = jax.random.fold_in(state["run"]["key"], state["step"])
+        images = normalize(augment(images, key, config.augment), state)
 
         def loss_fn(params):
             # copy: the statistics are updated inside this trace, so they must be born in it
@@ -144,6 +149,7 @@ def make_steps(config, train_def, eval_def, tx, mean, std):
             params=optax.apply_updates(state["params"], updates),
             model_state=model_state,
             opt_state=opt_state,
+            run=state["run"],
         )
         # Running sums since the last log line; kept in the state, so a resumed run logs
         # exactly what an uninterrupted one would have.
@@ -157,7 +163,7 @@ def make_steps(config, train_def, eval_def, tx, mean, std):
 
     def eval_step(state, images, labels, mask):
         model = nnx.merge(eval_def, state["params"], state["model_state"])
-        logits = model(normalize(images))
+        logits = model(normalize(images, state))
         loss = cross_entropy(logits, labels) * mask
         correct = (jnp.argmax(logits, -1) == labels) * mask
         return {"loss": loss.sum(), "correct": correct.sum(), "count": mask.sum()}
@@ -341,8 +347,8 @@ def train(config: ml_collections.ConfigDict, workdir, *, overwrite=False, stop_a
     abstract_model.eval()
     eval_def = nnx.graphdef(abstract_model)
 
-    def init_state():
-        model = models.create(config.model.name, seed=config.seed, **model_settings)
+    def init_state(key, pixel_mean, pixel_std):
+        model = models.create(config.model.name, seed=key, **model_settings)
         model.train()
         _, params, model_state = nnx.split(model, nnx.Param, ...)
         opt_state = tx.init(params)
@@ -352,16 +358,17 @@ def train(config: ml_collections.ConfigDict, workdir, *, overwrite=False, stop_a
             model_state=model_state,
             opt_state=opt_state,
             metric_sums=ZERO_SUMS,
+            run=dict(key=jax.random.fold_in(key, 1), pixel_mean=pixel_mean, pixel_std=pixel_std),
         )
 
     # Built inside jit with replicated outputs, so every host of a multi-host job holds the same
     # state without a host-to-device copy of the whole model.
-    state = jax.jit(init_state, out_shardings=replicated)()
+    state = jax.jit(init_state, out_shardings=replicated)(jax.random.key(config.seed), mean, std)
     reset_sums = jax.jit(
         lambda s: {**s, "metric_sums": ZERO_SUMS}, donate_argnums=0, out_shardings=replicated
     )
 
-    train_step, eval_step = make_steps(config, train_def, eval_def, tx, mean, std)
+    train_step, eval_step = make_steps(config, train_def, eval_def, tx)
     train_step = jax.jit(train_step, donate_argnums=0, out_shardings=replicated)
     eval_step = jax.jit(eval_step, out_shardings=replicated)
     eval_batch = -(-config.eval_batch_size // devices) * devices  # a multiple of the devices
