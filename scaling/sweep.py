@@ -87,7 +87,7 @@ class Trial:
 
 def _label(value) -> str:
     if isinstance(value, float):
-        return f"{value:g}"
+        return f"{value:.8g}"
     if isinstance(value, list | tuple):
         return "x".join(map(_label, value))
     return str(value)

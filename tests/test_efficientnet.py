@@ -190,22 +190,23 @@ def test_small_image_variant_shapes(size, grid):
 
 
 def test_stochastic_depth_only_in_training():
-    # A small-image B0 at a quarter width and half depth: 10 blocks, 4 with identity skips.
-    model = models.create(
-        "efficientnet_cifar",
-        width_coefficient=0.25,
-        depth_coefficient=0.5,
-        dropout=0.0,
-        drop_connect_rate=0.5,
-    )
-    n = len(model.blocks)
-    assert [b.drop.rate for b in model.blocks] == pytest.approx([0.5 * i / n for i in range(n)])
-    forward = nnx.jit(lambda model, x: model(x))
-    x = jax.random.normal(jax.random.key(0), (8, 16, 16, 3))
-    model.eval()
-    assert jnp.array_equal(forward(model, x), forward(model, x))
-    model.train()  # classifier dropout is 0: only dropped branches can differ
-    assert not jnp.allclose(forward(model, x), forward(model, x))
+    # The schedule: rate 0.2 * i / n for block i of n (survival falling linearly to 0.8).
+    blocks = variant(0)[0].blocks
+    assert [b.drop.rate for b in blocks] == pytest.approx([0.2 * i / 16 for i in range(16)])
+    # One block with an identity skip, at rate 0.5: in training each example either keeps the
+    # branch or gets exactly its input back; in eval the branch is always kept.
+    layers = efficientnet.Layers(None, "shift", 0.99, nnx.Rngs(0))
+    block = efficientnet.MBConv(16, 16, expand=6, kernel=3, stride=1, drop_rate=0.5, layers=layers)
+    forward = nnx.jit(lambda block, x: block(x))
+    x = jax.random.normal(jax.random.key(0), (8, 8, 8, 16))
+    block.eval()
+    assert jnp.array_equal(forward(block, x), forward(block, x))
+    assert not jnp.any(jnp.all(forward(block, x) == x, axis=(1, 2, 3)))
+    block.train()
+    first, second = forward(block, x), forward(block, x)
+    assert not jnp.allclose(first, second)
+    dropped = jnp.all(first == x, axis=(1, 2, 3))
+    assert 0 < int(dropped.sum()) < 8  # per example, not per batch
 
 
 @pytest.mark.parametrize("size,kernel,stride", [(9, 3, 1), (10, 5, 2)])

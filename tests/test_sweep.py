@@ -258,3 +258,23 @@ def test_example_studies_expand_to_buildable_models(study):
             model = models.abstract(t.config.model.name, image_size=t.config.image_size, **settings)
             built[key] = models.count_params(model)
     assert all(n > 0 for n in built.values())
+
+
+def test_efficientnet_compound_arms_double_the_macs():
+    """The study's precomputed multipliers still give ~2x the baseline's multiply-adds."""
+    import importlib.util
+
+    from scaling import flops, models
+
+    spec = importlib.util.spec_from_file_location(
+        "study", ROOT / "configs/efficientnet_compound.py"
+    )
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    ratios = {}
+    for arm, overrides in study.arms().items():
+        settings = {k.split(".")[1]: v for k, v in overrides.items() if k.startswith("model.")}
+        model = models.abstract("efficientnet_b0_cifar", num_classes=10, **settings)
+        ratios[arm] = flops.macs_and_activations(model, overrides.get("image_size", 32))[0]
+    ratios = {arm: macs / ratios["baseline"] for arm, macs in ratios.items()}
+    assert all(1.95 < r < 2.2 for arm, r in ratios.items() if arm != "baseline"), ratios
