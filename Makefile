@@ -22,4 +22,4 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 test: $(STAMP) lint
-	$(BIN)/pytest -q --durations=10
+	$(BIN)/pytest -q -n 2 --durations=15
