@@ -249,6 +249,7 @@ def test_bad_names_and_settings_are_clear_errors(name, settings, message):
         models.abstract(name, **settings)
 
 
+@pytest.mark.slow
 def test_digits_learns(tmp_path):
     # A small-image B0 at half width and a quarter depth (one block per stage), with its default
     # dropout and drop-connect. Two departures from the ResNet defaults, both needed to learn in
