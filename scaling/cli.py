@@ -118,6 +118,8 @@ def sweep(args, config_args):
                         train_args=train_args)  # fmt: skip
     tally = {s: list(states.values()).count(s) for s in sweeps.STATES if s in states.values()}
     print(f"sweep {args.workdir}: " + ", ".join(f"{n} {s}" for s, n in tally.items()))
+    if best := sweeps.best_trial(args.workdir, [n for n, s in states.items() if s == "done"]):
+        print(f"best: {best['name']} (test accuracy {best['test_accuracy']:.4f})")
     if set(states.values()) != {"done"}:
         sys.exit(1)
 

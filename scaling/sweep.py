@@ -238,3 +238,13 @@ def run(
     with ThreadPoolExecutor(max(1, parallel)) as pool:
         list(pool.map(launch, todo))
     return {t.name: records[t.name]["state"] for t in trials}
+
+
+def best_trial(workdir, names) -> dict | None:
+    """The finished trial with the highest test accuracy (e.g. the grid search's best triple)."""
+    summaries = []
+    for name in names:
+        path = Path(workdir) / name / "summary.json"
+        if path.exists():  # on a multi-host slice only process 0's view has it
+            summaries.append({"name": name, **json.loads(path.read_text())})
+    return max(summaries, key=lambda s: s["test_accuracy"], default=None)

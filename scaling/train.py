@@ -409,7 +409,8 @@ def train(config: ml_collections.ConfigDict, workdir, *, overwrite=False, stop_a
     end = total_steps if stop_after is None else min(total_steps, start + stop_after)
     window_start, last_finite_loss = time.perf_counter(), None
     bar = tqdm(total=total_steps, initial=start, unit="step", disable=None, dynamic_ncols=True)
-    with stop_on_sigterm() as preempted:
+    # closing: async checkpoint writes finish before the run returns or raises (Diverged).
+    with stop_on_sigterm() as preempted, contextlib.closing(checkpoints):
         for step in range(start, end):
             idx = host_slice(batch_indices(step, n_train, config.batch_size, config.seed))
             batch = to_global((ds.train_images[idx], ds.train_labels[idx]), batch_sharding)
@@ -451,7 +452,6 @@ def train(config: ml_collections.ConfigDict, workdir, *, overwrite=False, stop_a
             if done == end:
                 break
     bar.close()
-    checkpoints.wait_until_finished()
     if end < total_steps:
         return None
 

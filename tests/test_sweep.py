@@ -142,7 +142,9 @@ def test_failing_trial_does_not_stop_the_others(tmp_path):
         "    c = ml_collections.ConfigDict()\n"
         f"    c.base = load_config('{ROOT}/configs/train.py:model=resnet8,image_size=8,steps=3,"
         "batch_size=32')\n"
-        "    c.trials = sweep.axis('model.name', ['resnet9', 'resnet8'])\n"
+        "    c.base.log_every = 1\n"
+        "    c.trials = sweep.chain(sweep.axis('model.name', ['resnet9', 'resnet8']),\n"
+        "                           sweep.fixed({'lr': 1e38, 'weight_decay': 0.0}))\n"
         "    return c\n"
     )
     args = _sweep_args(tmp_path / "w", str(study_file))
@@ -152,10 +154,14 @@ def test_failing_trial_does_not_stop_the_others(tmp_path):
     assert index["name=resnet8"]["state"] == "done"
     assert index["name=resnet9"]["state"] == "failed"
     assert "6n+2" in index["name=resnet9"]["error"]
+    diverged = index["lr=1e+38,weight_decay=0"]
+    assert diverged["state"] == "diverged" and "loss became" in diverged["error"]
+    assert "1 done, 1 failed, 1 diverged" in out.stdout
+    assert "best: name=resnet8 (test accuracy" in out.stdout
     again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
     assert "0 to run" in again.stdout  # failed trials wait for --retry-failed
     retry = subprocess.run([*args, "--retry-failed"], cwd=ROOT, capture_output=True, text=True)
-    assert "1 to run" in retry.stdout and "name=resnet9: failed" in retry.stdout
+    assert "2 to run" in retry.stdout and "name=resnet9: failed" in retry.stdout
 
 
 def test_two_processes_equal_one(tmp_path):
