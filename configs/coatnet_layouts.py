@@ -39,8 +39,6 @@ def get_config(arg=None):
     )
     c.base.weight_decay = 0.05
     c.base.schedule.warmup_steps = arg["steps"] // 10
-    c.base.log_every = 20
-    c.base.checkpoint_every = max(arg["steps"] // 4, 1)
     layouts = ["CCCC", "CCCT", "CCTT", "CTTT"] + (["VIT_REL"] if arg["vit_rel"] else [])
     sized = [
         coatnet.match_params(layout, arg["params"], num_classes=arg["num_classes"],

@@ -50,8 +50,6 @@ def get_config(arg=None):
     )
     c.base.weight_decay = 0.05
     c.base.schedule.warmup_steps = arg["steps"] // 10
-    c.base.log_every = 20
-    c.base.checkpoint_every = max(arg["steps"] // 4, 1)
     families = sweep.chain(
         *(sweep.fixed({"model.name": name, **{f"model.{k}": v for k, v in settings.items()}})
           for name, settings in models(arg["num_classes"]).items())

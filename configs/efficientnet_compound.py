@@ -46,8 +46,6 @@ def get_config(arg=None):
         image_size=32,
         **{k: arg[k] for k in ("dataset", "steps", "batch_size")},
     )
-    c.base.log_every = 10
-    c.base.checkpoint_every = max(arg["steps"] // 4, 1)
     c.trials = sweep.product(
         sweep.chain(*(sweep.fixed(overrides) for overrides in arms().values())),
         sweep.axis("seed", range(arg["seeds"])),

@@ -47,8 +47,6 @@ def get_config(arg=None):
         model="efficientnet_b0_cifar",
         **{k: arg[k] for k in ("dataset", "image_size", "steps", "batch_size")},
     )
-    c.base.log_every = 10
-    c.base.checkpoint_every = max(arg["steps"] // 4, 1)
     triples = candidates(arg["low"], arg["high"], arg["step"], arg["tolerance"])
     c.trials = sweep.product(
         [

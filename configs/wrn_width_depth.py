@@ -31,8 +31,6 @@ def get_config(arg=None):
         Path(__file__).with_name("train.py"),
         **{k: arg[k] for k in ("dataset", "image_size", "steps", "batch_size")},
     )
-    c.base.log_every = 10
-    c.base.checkpoint_every = max(arg["steps"] // 4, 1)
     depths = [int(d) for d in arg["depths"].split("+")]
     widths = [int(k) for k in arg["widths"].split("+")]
     c.trials = sweep.product(

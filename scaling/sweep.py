@@ -73,8 +73,12 @@ def chain(*sweeps) -> list[dict]:
 
 
 def base_config(train_file, **variant) -> ml_collections.ConfigDict:
-    """A study's base: the training config file with its argument string built from `variant`."""
-    return load_config(f"{train_file}:" + ",".join(f"{k}={v}" for k, v in variant.items()))
+    """A study's base: the training config file with its argument string built from `variant`.
+    With a `steps` budget, trials log 10 times and checkpoint 4 times over it, whatever its size."""
+    config = load_config(f"{train_file}:" + ",".join(f"{k}={v}" for k, v in variant.items()))
+    if steps := variant.get("steps"):
+        config.log_every, config.checkpoint_every = max(steps // 10, 1), max(steps // 4, 1)
+    return config
 
 
 # ---- Trials ----

@@ -186,10 +186,13 @@ def num_train_steps(config, num_examples):
 def batch_indices(step, num_examples, batch_size, seed):
     """Example indices of global batch `step`: a fresh permutation each epoch, a pure function
     of (seed, step), so a resumed run sees exactly the batches it would have seen."""
-    per_epoch = num_examples // batch_size
-    epoch, i = divmod(step, per_epoch)
-    order = np.random.default_rng([seed, epoch]).permutation(num_examples)
-    return order[i * batch_size : (i + 1) * batch_size]
+    epoch, i = divmod(step, num_examples // batch_size)
+    return epoch_order(num_examples, seed, epoch)[i * batch_size : (i + 1) * batch_size]
+
+
+@functools.lru_cache(maxsize=2)  # computed once per epoch, not once per step
+def epoch_order(num_examples, seed, epoch):
+    return np.random.default_rng([seed, epoch]).permutation(num_examples)
 
 
 def evaluate(eval_step, state, images, labels, *, batch_size, sharding):
