@@ -30,6 +30,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from scaling import Diverged, ScalingError, data, flops, models
@@ -402,10 +403,18 @@ def train(config: ml_collections.ConfigDict, workdir, *, overwrite=False, stop_a
     if start:
         print(f"resumed from step {start} in {workdir}")
 
+    # TensorBoard event files beside metrics.jsonl, to watch a run (or a sweep directory) live;
+    # purge_step hides the events of steps that a resume redoes.
+    board = SummaryWriter(str(workdir), purge_step=start or None) if is_writer else None
+
     def log(record):
         if is_writer:
             with metrics_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+            for key, value in record.items():
+                if key != "step" and type(value) in (int, float):
+                    board.add_scalar(key, value, record["step"])
+            board.flush()
 
     t0 = time.perf_counter()
     wall = lambda: wall_before + time.perf_counter() - t0  # noqa: E731
@@ -491,4 +500,5 @@ def train(config: ml_collections.ConfigDict, workdir, *, overwrite=False, stop_a
     )
     if is_writer:
         write_json_atomic(workdir / "summary.json", summary)
+        board.close()
     return summary

@@ -237,6 +237,7 @@ def test_layouts_matched_at_a_parameter_count():
     for layout in coatnet.LAYOUTS:
         found = coatnet.match_params(layout, target, **settings)
         assert abs(found["params"] / target - 1) < 0.1, found
+        assert list(found["dims"]) == sorted(found["dims"]), found  # stages never narrow
         assert found["params"] == coatnet.count_params(
             layout, found["depths"], found["dims"], **settings
         )

@@ -515,7 +515,7 @@ def match_params(layout, target_params, *, depths=None, num_classes=1000, head_s
 
     Depths stay fixed (CoAtNet-0's unless given); the widths keep CoAtNet-0's proportions
     64:96:192:384:768, rounded to multiples of 8 (of `head_size` in T stages), scaled by one
-    factor: a few secant steps on log(parameters), then the best of the neighbouring factors.
+    factor: a few secant steps on log(parameters), then the nearest of the factors within 25%.
     VIT_REL (one width, a multiple of `head_size`) also picks its depth unless given, since
     its width steps are coarse. `settings` are other CoAtNet settings (image_size,
     small_images, expansion, ...). Returns dict(layout, depths, dims, params).
@@ -557,23 +557,10 @@ def match_params(layout, target_params, *, depths=None, num_classes=1000, head_s
         if error(params) < 0.01:
             break
         scale *= math.sqrt(target_params / params)
-    found = [candidate(scale * f) for f in (0.9, 0.95, 1.0, 1.05, 1.1)]
+    # Rounding to 8 (32 in T stages) makes the count a step function of the scale: scan
+    # around it and keep the nearest. Stages keep their proportions; none is nudged alone.
+    found = [candidate(scale * (1 + f / 100)) for f in range(-25, 26)]
     depths, params, dims = min(found, key=lambda c: error(c[1]))
-    # Rounding steps are coarse in narrow nets (32 channels in a T stage): nudge single stages.
-    steps = [head_size if k == "T" else 8 for k in kinds]
-    for _ in range(3):
-        if error(params) < 0.02:
-            break
-        trials = [
-            dims[:i] + (dims[i] + sign * steps[i],) + dims[i + 1 :]
-            for i in reversed(range(len(dims)))
-            for sign in (1, -1)
-            if dims[i] + sign * steps[i] >= steps[i]
-        ]
-        counted = [(params_at(t, depths), t) for t in trials]
-        if not counted or min(error(c) for c, _ in counted) >= error(params):
-            break
-        params, dims = min(counted, key=lambda c: error(c[0]))
     return dict(layout=layout, depths=depths, dims=dims, params=params)
 
 
