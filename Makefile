@@ -11,11 +11,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
-# A Wide ResNet (WRN-16-4, 2.7M parameters) on scikit-learn's digits at 16x16: ~2 min on 2 cores.
+# The main job in miniature: a WRN width x depth sweep (6 trials) on scikit-learn's digits at
+# 16x16, then its report (heatmap, Pareto fronts, curves): ~4 min on 2 cores.
 demo: $(STAMP)
 	rm -rf runs/demo
-	$(BIN)/scaling train --config configs/train.py:model=wrn16_4,image_size=16,epochs=10 \
+	$(BIN)/scaling sweep --config configs/wrn_width_depth.py:depths=10+16,widths=1+2+4 \
 		--workdir runs/demo
+	$(BIN)/scaling report runs/demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

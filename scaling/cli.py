@@ -1,8 +1,9 @@
-"""The `scaling` command: info, train, sweep and launch.
+"""The `scaling` command: info, train, sweep, report and launch.
 
 scaling info MODEL [--image-size S] [--set KEY=VALUE ...]
 scaling train --config configs/train.py[:arg] [--config.KEY=VALUE ...] --workdir DIR
 scaling sweep --config configs/STUDY.py[:arg] --workdir DIR [--dry-run] [--parallel N]
+scaling report DIR [DIR ...] [--out OUT] [--notes NOTES.md]
 scaling launch tpu|skypilot --config configs/STUDY.py --name N --zone Z --accelerator v4-8 ...
 """
 
@@ -124,6 +125,15 @@ def sweep(args, config_args):
         sys.exit(1)
 
 
+def report(args):
+    from scaling import report as reports
+
+    if args.notes and not Path(args.notes).is_file():
+        raise ScalingError(f"no such notes file: {args.notes}")
+    path = reports.write(args.dirs, args.out, notes=args.notes)
+    print(f"report: {path}")
+
+
 def launch(args, config_args):
     from scaling import launch as launcher
     from scaling import sweep as sweeps
@@ -191,6 +201,11 @@ def build_parser():
     p.add_argument("--shard", default="0/1", help="I/N: run every N-th trial from the I-th")
     p.add_argument("--distributed", action="store_true", help="trials span several hosts")
 
+    p = sub.add_parser("report", help="REPORT.md, figures and runs.csv of one or more sweeps")
+    p.add_argument("dirs", nargs="+", metavar="DIR", help="sweep directories (finished or not)")
+    p.add_argument("--out", help="where to write (default DIR/report); copies the run records")
+    p.add_argument("--notes", help="a Markdown file placed at the top of REPORT.md")
+
     p = sub.add_parser(
         "launch", help="print (or --execute) cloud TPU commands for a study", epilog=config_help
     )
@@ -225,10 +240,10 @@ def main(argv=None):
         enable_compilation_cache()
     commands = {"train": train, "sweep": sweep, "launch": launch}
     try:
-        if rest and args.command == "info":
+        if rest and args.command in ("info", "report"):
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
-        if args.command == "info":
-            info(args)
+        if args.command in ("info", "report"):
+            {"info": info, "report": report}[args.command](args)
         else:
             commands[args.command](args, rest)  # the rest is --config and its overrides
     except Diverged as e:

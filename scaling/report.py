@@ -1,0 +1,336 @@
+"""`scaling report DIR...`: a sweep's answer as REPORT.md, PNG figures and runs.csv.
+
+Each figure is drawn only where the trials have the axes for it (a width x depth grid, several
+families, several training-set sizes, ...), so one command serves every study, finished or not.
+Scaling laws are saturating power laws fitted with scipy; a fit that fails says so.
+"""
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on TPU VMs or CI
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from scipy.optimize import curve_fit  # noqa: E402
+
+from scaling import results, sweep  # noqa: E402
+
+DPI = 100
+SIZES = {  # inches; figures are DPI times these in pixels
+    "heatmap": (11, 4.5),
+    "pareto": (15, 4.5),
+    "data_efficiency": (7, 4.5),
+    "generalization": (7, 4.5),
+    "curves": (7, 4.5),
+}
+FIT_AXES = {"params": "family", "flops": "family", "train_examples": "arch"}  # x: grouped by
+RUN_FILES = ("config.json", "summary.json", "metrics.jsonl")  # what a results copy keeps
+
+
+# ---- Scaling-law fits ----
+@dataclasses.dataclass
+class Fit:
+    """err = a * (x / x0 + d) ** -b + c, fitted to points (x, err). With x0 = min(x), `a` is the
+    reducible error at the smallest x and `d` is in units of x0; in the unscaled form
+    err = A * (x + D) ** -b + c, A = a * x0 ** b and D = d * x0."""
+
+    converged: bool
+    message: str = ""
+    x0: float = float("nan")
+    params: dict = dataclasses.field(default_factory=dict)
+    stderr: dict = dataclasses.field(default_factory=dict)
+    residuals: list = dataclasses.field(default_factory=list)
+
+    def __call__(self, x):
+        p = self.params
+        return p["a"] * (np.asarray(x, float) / self.x0 + p["d"]) ** -p["b"] + p["c"]
+
+
+def power_law(u, a, b, c, d=0.0):
+    return a * (u + d) ** -b + c
+
+
+def fit_power_law(x, err) -> Fit:
+    """Fit the saturating power law; `d` is free only with 6 or more distinct x values (else 0),
+    and fewer than 4 are refused. Non-convergence, an unidentifiable parameter, or error that
+    does not fall with x give converged=False and the reason."""
+    x, err = np.asarray(x, float), np.asarray(err, float)
+    distinct = len(np.unique(x))
+    if distinct < 4:
+        return Fit(False, f"needs 4 or more distinct x values, has {distinct}")
+    x0, free_d = x.min(), distinct >= 6
+    names = "abcd" if free_d else "abc"
+    guess = [max(err.max() - err.min(), 1e-3), 0.5, err.min() / 2] + [0.0] * free_d
+    bounds = ([0, 0, 0] + [0] * free_d, [10, 5, 1] + [10] * free_d)
+    try:
+        popt, pcov = curve_fit(power_law, x / x0, err, p0=guess, bounds=bounds, maxfev=20000)
+    except (RuntimeError, ValueError) as e:
+        return Fit(False, f"did not converge: {str(e).splitlines()[0]}", x0)
+    stderr = np.sqrt(np.diag(pcov))
+    params = dict(zip(names, map(float, popt), strict=True)) | ({} if free_d else {"d": 0.0})
+    fit = Fit(True, "", float(x0), params, dict(zip(names, map(float, stderr), strict=True)))
+    fit.residuals = [float(r) for r in err - fit(x)]
+    if not np.all(np.isfinite(stderr)):
+        return dataclasses.replace(fit, converged=False, message="parameters not identifiable")
+    if popt[0] < 1e-6 or popt[1] < 1e-3:
+        return dataclasses.replace(fit, converged=False, message="error does not fall with x")
+    if stderr[1] > popt[1]:
+        return dataclasses.replace(
+            fit,
+            converged=False,
+            message=f"exponent undetermined (b = {popt[1]:.2g} ± {stderr[1]:.2g})",
+        )
+    return fit
+
+
+def fits(done: pd.DataFrame) -> list[dict]:
+    """Test-error power laws per group, for every axis that varies enough to fit."""
+    out = []
+    for x, by in FIT_AXES.items():
+        if x not in done or done[x].nunique() < 2:
+            continue
+        for group, rows in done.groupby(by):
+            if rows[x].nunique() < 2:
+                continue
+            out.append(
+                dict(group=group, x=x, n=len(rows), fit=fit_power_law(rows[x], rows.test_error))
+            )
+    return out
+
+
+# ---- Tables ----
+def pareto_front(points: pd.DataFrame, x: str, y: str = "test_accuracy") -> pd.DataFrame:
+    """The points no other point beats on both lower `x` and higher `y`, sorted by `x`."""
+    ordered = points.sort_values([x, y], ascending=[True, False])
+    best, keep = -np.inf, []
+    for i, value in ordered[y].items():
+        if value > best:
+            keep.append(i)
+            best = value
+    return ordered.loc[keep]
+
+
+def axes_of(df: pd.DataFrame) -> list[str]:
+    """The columns a study varies, besides the seed: its sweep axes and the architecture."""
+    candidates = ["arch", "depth", "width", "train_examples", "data_fraction", "image_size"]
+    return [c for c in candidates if c in df and df[c].nunique(dropna=True) > 1] or ["arch"]
+
+
+def summary_table(done: pd.DataFrame) -> pd.DataFrame:
+    """Means (and the test accuracy's std) over seeds, one row per setting of the axes."""
+    keys = axes_of(done)
+    grouped = done.groupby(keys, dropna=False)
+    table = grouped.agg(
+        seeds=("seed", "nunique"), params=("params", "first"), mflops=("flops", "first"),
+        train_acc=("train_accuracy", "mean"), test_acc=("test_accuracy", "mean"),
+        test_acc_std=("test_accuracy", "std"), gap=("generalization_gap", "mean"),
+        wall_s=("wall_seconds", "mean"), img_per_s=("images_per_second", "mean"),
+    )  # fmt: skip
+    table["mflops"] /= 1e6
+    table["params"] = table["params"].astype(int)
+    return table.reset_index()
+
+
+# ---- Figures ----
+def figure(name):
+    return plt.subplots(1, {"heatmap": 2, "pareto": 3}.get(name, 1), figsize=SIZES[name], dpi=DPI)
+
+
+def save(fig, out: Path, name: str) -> str:
+    fig.tight_layout()
+    fig.savefig(out / f"{name}.png", dpi=DPI)
+    plt.close(fig)
+    return f"{name}.png"
+
+
+def heatmap(done, out):
+    if not {"depth", "width"} <= set(done) or done.depth.nunique() < 2 or done.width.nunique() < 2:
+        return None
+    fig, axes = figure("heatmap")
+    grid = done.groupby(["depth", "width"]).agg(
+        acc=("test_accuracy", "mean"), flops=("flops", "first")
+    )
+    grid["per_gflop"] = grid.acc / (grid.flops / 1e9)
+    for ax, column, title in zip(
+        axes, ["acc", "per_gflop"], ["test accuracy", "test accuracy per GFLOP"], strict=True
+    ):
+        table = grid[column].unstack("width")
+        image = ax.imshow(table.values, cmap="viridis", origin="lower", aspect="auto")
+        for (i, j), value in np.ndenumerate(table.values):
+            ax.text(j, i, f"{value:.3g}", ha="center", va="center", color="w", fontsize=9)
+        ax.set(xticks=range(table.shape[1]), xticklabels=table.columns, yticks=range(len(table)),
+               yticklabels=table.index, xlabel="widening factor k", ylabel="depth d")  # fmt: skip
+        ax.set_title(title)
+        fig.colorbar(image, ax=ax)
+    return save(fig, out, "heatmap")
+
+
+def pareto(done, out, laws):
+    fig, axes = figure("pareto")
+    for ax, x, label in zip(
+        axes,
+        ["params", "flops", "wall_seconds"],
+        ["parameters", "FLOPs", "wall seconds"],
+        strict=True,
+    ):
+        for family, rows in done.groupby("family"):
+            points = ax.scatter(rows[x], rows.test_accuracy, s=18, alpha=0.6, label=family)
+            front = pareto_front(rows, x)
+            ax.step(front[x], front.test_accuracy, where="post", color=points.get_facecolor()[0])
+            law = next((f for f in laws if f["x"] == x and f["group"] == family), None)
+            if law and law["fit"].converged:
+                grid = np.geomspace(rows[x].min(), rows[x].max(), 100)
+                ax.plot(grid, 1 - law["fit"](grid), "--", color=points.get_facecolor()[0])
+        ax.set(xscale="log", xlabel=label, ylabel="test accuracy")
+    axes[0].legend(fontsize=8)
+    axes[0].set_title("points; step line: Pareto front; dashed: fitted law", fontsize=9)
+    return save(fig, out, "pareto")
+
+
+def data_efficiency(done, out, laws):
+    if "train_examples" not in done or done.train_examples.nunique() < 2:
+        return None
+    fig, ax = figure("data_efficiency")
+    for arch, rows in done.groupby("arch"):
+        stats = rows.groupby("train_examples").test_accuracy.agg(["mean", "std"]).fillna(0)
+        line = ax.errorbar(
+            stats.index, stats["mean"], yerr=stats["std"], marker="o", capsize=3, label=arch
+        )
+        law = next((f for f in laws if f["x"] == "train_examples" and f["group"] == arch), None)
+        if law and law["fit"].converged:
+            grid = np.geomspace(stats.index.min(), stats.index.max(), 100)
+            ax.plot(grid, 1 - law["fit"](grid), "--", color=line.lines[0].get_color())
+    ax.set(xscale="log", xlabel="training examples", ylabel="test accuracy (mean ± std over seeds)")
+    ax.legend(fontsize=8)
+    return save(fig, out, "data_efficiency")
+
+
+def generalization(done, out):
+    if done.arch.nunique() < 2:
+        return None
+    fig, ax = figure("generalization")
+    for arch, rows in done.groupby("arch"):
+        stats = rows.groupby("train_examples")[["train_accuracy", "generalization_gap"]].agg(
+            ["mean", "std"]
+        )
+        stats = stats.fillna(0)
+        ax.errorbar(stats["train_accuracy"]["mean"], stats["generalization_gap"]["mean"],
+                    xerr=stats["train_accuracy"]["std"], yerr=stats["generalization_gap"]["std"],
+                    marker="o", ls="", capsize=3, label=arch)  # fmt: skip
+        for n, point in stats.iterrows():
+            xy = point["train_accuracy"]["mean"], point["generalization_gap"]["mean"]
+            ax.annotate(f"{n:,}", xy, fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set(xlabel="training accuracy (capacity)", ylabel="train - test accuracy (gap)",
+           title="labels: training examples")  # fmt: skip
+    ax.legend(fontsize=8)
+    return save(fig, out, "generalization")
+
+
+def curves(df, out):
+    fig, ax = figure("curves")
+    colors = {arch: f"C{i % 10}" for i, arch in enumerate(sorted(df.arch.dropna().unique()))}
+    labelled, drawn = set(), False
+    for _, trial in df.iterrows():
+        if not (Path(trial.path) / "metrics.jsonl").exists():
+            continue
+        train = results.curves(trial.path)
+        if "loss" not in train:
+            continue
+        train = train.dropna(subset=["loss"])
+        label = None if trial.arch in labelled else trial.arch
+        labelled.add(trial.arch)
+        ax.plot(train.step, train.loss, lw=1, alpha=0.7, label=label, color=colors[trial.arch])
+        drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set(xlabel="step", ylabel="training loss (running mean)", yscale="log")
+    ax.legend(fontsize=7, ncol=2)
+    return save(fig, out, "curves")
+
+
+# ---- The report ----
+def markdown_table(df: pd.DataFrame) -> str:
+    def cell(v):
+        if isinstance(v, int | np.integer):
+            return f"{v:,}"
+        if isinstance(v, float):
+            return "" if np.isnan(v) else f"{v:.4g}"
+        return str(v)
+
+    lines = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def fit_table(laws) -> str:
+    rows = []
+    for law in laws:
+        fit = law["fit"]
+        values = {k: f"{v:.3g} ± {fit.stderr[k]:.2g}" if k in fit.stderr else f"{v:.3g}"
+                  for k, v in fit.params.items()}  # fmt: skip
+        residuals = " ".join(f"{r:+.3f}" for r in fit.residuals)
+        rows.append(dict(group=law["group"], x=law["x"], points=law["n"], x0=f"{fit.x0:.4g}",
+                         **{k: values.get(k, "") for k in "abcd"},
+                         status="fitted" if fit.converged else f"no fit: {fit.message}",
+                         residuals=residuals))  # fmt: skip
+    return markdown_table(pd.DataFrame(rows))
+
+
+def status_lines(df) -> list[str]:
+    counts = df.status.value_counts()
+    lines = [f"{len(df)} trials: " + ", ".join(f"{n} {state}" for state, n in counts.items()) + "."]
+    for _, trial in df[df.status.isin(["failed", "diverged"])].iterrows():
+        lines.append(f"- `{trial.trial}` {trial.status}: {trial.get('error')}")
+    for _, trial in df[df.status == "running"].iterrows():
+        lines.append(f"- `{trial.trial}` running: step {trial.steps_done}")
+    return lines
+
+
+def copy_runs(directories, df, out: Path):
+    """The sweep index and the small per-trial files (config, summary, metrics) under
+    out/runs/, so that the report can be rebuilt from the copy alone."""
+    (out / "runs").mkdir(exist_ok=True)
+    records = [r for d in directories for r in results.trial_dirs(Path(d)).values() if r]
+    sweep.write_index(out / "runs", {r["name"]: r for r in records})
+    for _, trial in df.iterrows():
+        target = out / "runs" / trial.trial
+        target.mkdir(parents=True, exist_ok=True)
+        for name in RUN_FILES:
+            if (Path(trial.path) / name).exists():
+                shutil.copy2(Path(trial.path) / name, target / name)
+
+
+def write(directories, out=None, notes=None) -> Path:
+    """REPORT.md, figures and runs.csv for the trials under `directories`, in `out`
+    (default: the first directory's report/). Returns the REPORT.md path."""
+    df = results.load(*directories)
+    out = Path(out or Path(directories[0]) / "report")
+    out.mkdir(parents=True, exist_ok=True)
+    if not out.resolve().is_relative_to(Path(directories[0]).resolve()):
+        copy_runs(directories, df, out)
+    df.drop(columns=["path"]).to_csv(out / "runs.csv", index=False)
+    done = df[df.status == "done"]
+    lines = [f"# Report: {', '.join(Path(d).name for d in directories)}", ""]
+    if notes:
+        lines += [Path(notes).read_text().strip(), ""]
+    lines += ["## Status", "", *status_lines(df), ""]
+    if not done.empty:
+        laws = fits(done)
+        seconds = done.wall_seconds.sum()
+        lines += [f"Training time of the finished trials: {seconds / 60:.1f} min in all.", ""]
+        lines += ["## Results (means over seeds)", "", markdown_table(summary_table(done)), ""]
+        drawn = [heatmap(done, out), pareto(done, out, laws), data_efficiency(done, out, laws),
+                 generalization(done, out)]  # fmt: skip
+        lines += ["## Figures", ""] + [f"![{name}]({name})" for name in drawn if name] + [""]
+        lines += ["## Scaling-law fits", "", Fit.__doc__.strip().replace("\n    ", " "), ""]
+        lines += [fit_table(laws) if laws else "No axis varies enough to fit.", ""]
+    if name := curves(df, out):
+        lines += ["## Training curves", "", f"![{name}]({name})", ""]
+    lines += ["Every trial: [runs.csv](runs.csv)."]
+    (out / "REPORT.md").write_text("\n".join(lines) + "\n")
+    return out / "REPORT.md"

@@ -1,0 +1,145 @@
+"""Reports: results as a DataFrame, scaling-law fits, figures, partial sweeps."""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import scaling_cli
+from PIL import Image
+
+from scaling import ScalingError, report, results, sweep, train
+
+GRID = [(10, 1), (10, 2), (16, 1), (16, 2)]  # WRN depth x widening factor
+
+
+@pytest.fixture(scope="module")
+def synthetic_sweep(tmp_path_factory):
+    """A 2x2 WRN sweep on synthetic data, trained for real (in this process, to save the
+    interpreter starts), indexed as `scaling sweep` does: four finished trials, one stopped
+    half-way (running) and one not started (pending)."""
+    from conftest import TRAIN_CONFIG
+
+    from scaling.config import load_config
+
+    workdir = tmp_path_factory.mktemp("sweep")
+    records = {}
+    for depth, width in [*GRID, (10, 4), (16, 4)]:
+        overrides = {"model.name": f"wrn{depth}_{width}"}
+        name = sweep.trial_name(overrides)
+        records[name] = dict(name=name, state="done", error=None, overrides=overrides)
+        if width == 4 and depth == 16:
+            records[name]["state"] = "pending"
+            continue
+        config = load_config(f"{TRAIN_CONFIG}:dataset=synthetic,image_size=8,steps=4,batch_size=32")
+        config.model.name, config.log_every, config.checkpoint_every = overrides["model.name"], 1, 2
+        (workdir / name).mkdir()
+        (workdir / name / "config.json").write_text(json.dumps(train.json_config(config)))
+        if width == 4:
+            records[name]["state"] = "running"
+            train.train(config, workdir / name, stop_after=2)
+        else:
+            train.train(config, workdir / name)
+    sweep.write_index(workdir, records)
+    return workdir
+
+
+def test_dataframe_has_one_row_per_trial(synthetic_sweep):
+    df = results.load(synthetic_sweep)
+    assert len(df) == 6
+    assert sorted(df.status) == ["done"] * 4 + ["pending", "running"]
+    done = df[df.status == "done"]
+    for column in ["name", "arch", "family", "depth", "width", "params", "flops", "activations",
+                   "train_accuracy", "test_accuracy", "train_loss", "test_loss",
+                   "generalization_gap", "wall_seconds", "images_per_second", "examples_seen",
+                   "seed", "test_error"]:  # fmt: skip
+        assert done[column].notna().all(), column
+    assert sorted(zip(done.depth, done.width, strict=True)) == GRID
+    assert set(done.family) == {"wrn"} and (done.examples_seen == 4 * 32).all()
+    assert (done.params > 0).all() and done.params.nunique() == 4
+    running = df[df.status == "running"].iloc[0]
+    assert running.steps_done == 2 and running.running_loss > 0
+
+
+def test_report_writes_files_and_figures(synthetic_sweep, tmp_path):
+    result = scaling_cli("report", str(synthetic_sweep), "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "out"
+    assert f"report: {out / 'REPORT.md'}" in result.stdout
+    text = (out / "REPORT.md").read_text()
+    assert "6 trials: 4 done, 1 running, 1 pending." in text
+    assert "`name=wrn10_4` running: step 2" in text
+    for name in ["heatmap", "pareto", "generalization", "curves"]:
+        assert f"![{name}.png]({name}.png)" in text
+        width, height = Image.open(out / f"{name}.png").size
+        assert (width, height) == tuple(round(s * report.DPI) for s in report.SIZES[name])
+    assert not (out / "data_efficiency.png").exists()  # one training-set size: nothing to draw
+    assert len((out / "runs.csv").read_text().splitlines()) == 1 + 6
+    # The copy of the run records rebuilds the same table.
+    again = results.load(out / "runs")
+    assert sorted(again.trial) == sorted(results.load(synthetic_sweep).trial)
+
+
+def test_bad_report_directory_is_one_line_error(tmp_path):
+    result = scaling_cli("report", str(tmp_path / "missing"))
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip()
+        == f"scaling report: error: no such results directory: {tmp_path}/missing"
+    )
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ScalingError, match="no trials found"):
+        results.load(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("d", [0.0, 0.7])
+def test_power_law_fit_recovers_known_parameters(d):
+    x = np.geomspace(1e3, 1e6, 8)
+    a, b, c = 0.6, 0.45, 0.05
+    err = power = a * (x / x[0] + d) ** -b + c
+    noise = np.random.default_rng(0).normal(0, 1e-4, (3, len(x)))  # three seeds per x
+    fit = report.fit_power_law(np.tile(x, 3), (power + noise).ravel())
+    assert fit.converged, fit.message
+    assert fit.params["b"] == pytest.approx(b, rel=0.05)
+    assert fit.params["c"] == pytest.approx(c, abs=0.01)
+    assert fit.params["d"] == pytest.approx(d, abs=0.1)
+    assert np.max(np.abs(fit.residuals)) < 1e-3 and len(fit.residuals) == 24
+    assert np.allclose(fit(x), err, atol=1e-3)
+
+
+def test_power_law_fit_refuses_degenerate_data():
+    x = np.array([1e3, 1e4, 1e5, 1e6])
+    assert not report.fit_power_law(x[:3], [0.5, 0.4, 0.3]).converged  # too few sizes
+    flat = report.fit_power_law(x, [0.3, 0.3, 0.3, 0.3])
+    assert not flat.converged and "does not fall" in flat.message
+    rising = report.fit_power_law(x, [0.1, 0.2, 0.3, 0.4])
+    assert not rising.converged
+
+
+def test_pareto_front():
+    import pandas as pd
+
+    points = pd.DataFrame(dict(params=[1, 2, 3, 4, 5], test_accuracy=[0.5, 0.4, 0.7, 0.6, 0.8]))
+    front = report.pareto_front(points, "params")
+    assert list(front.params) == [1, 3, 5]
+
+
+def test_data_efficiency_figure_draws_fitted_curves(tmp_path):
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    rows = [
+        dict(arch=arch, family=arch, train_examples=n, seed=seed,
+             test_error=scale * (n / 100) ** -0.5 + 0.1 + rng.normal(0, 0.002))
+        for arch, scale in [("conv", 0.4), ("attention", 0.8)]
+        for n in [100, 300, 1000, 3000]
+        for seed in range(2)
+    ]  # fmt: skip
+    done = pd.DataFrame(rows).assign(test_accuracy=lambda df: 1 - df.test_error)
+    laws = report.fits(done)
+    assert [(law["group"], law["fit"].converged) for law in laws] == [
+        ("attention", True),
+        ("conv", True),
+    ]
+    assert report.data_efficiency(done, tmp_path, laws) == "data_efficiency.png"
+    size = Image.open(tmp_path / "data_efficiency.png").size
+    assert size == tuple(round(s * report.DPI) for s in report.SIZES["data_efficiency"])
