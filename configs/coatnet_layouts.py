@@ -28,6 +28,7 @@ def get_config(arg=None):
         seeds=2,
         num_classes=10,
         vit_rel=False,
+        depths="2+2+3+5+2",  # CoAtNet-0's blocks per stage S0..S4 (VIT_REL picks its own)
     )
     c = ml_collections.ConfigDict()
     c.base = sweep.base_config(
@@ -41,8 +42,11 @@ def get_config(arg=None):
     c.base.schedule.warmup_steps = arg["steps"] // 10
     layouts = ["CCCC", "CCCT", "CCTT", "CTTT"] + (["VIT_REL"] if arg["vit_rel"] else [])
     sized = [
-        coatnet.match_params(layout, arg["params"], num_classes=arg["num_classes"],
-                             small_images=True)
+        coatnet.match_params(
+            layout, arg["params"], num_classes=arg["num_classes"], small_images=True,
+            image_size=arg["image_size"],
+            depths=None if layout == "VIT_REL" else [int(d) for d in arg["depths"].split("+")],
+        )
         for layout in layouts
     ]  # fmt: skip
     c.trials = sweep.product(

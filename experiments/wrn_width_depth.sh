@@ -8,4 +8,5 @@ CIFAR=${CIFAR:-../shared/data/cifar10/cifar10-jpeg.tar.gz}
 BUDGET=${BUDGET:-image_size=16,steps=400,batch_size=64,seeds=2}
 $SCALING sweep --config "configs/wrn_width_depth.py:dataset=folder:$CIFAR,$BUDGET" \
   --workdir runs/wrn_width_depth
-$SCALING report runs/wrn_width_depth --out results/wrn_width_depth
+$SCALING report runs/wrn_width_depth --out results/wrn_width_depth \
+  --notes experiments/wrn_width_depth.md

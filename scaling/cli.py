@@ -1,9 +1,10 @@
-"""The `scaling` command: info, train, sweep, report and launch.
+"""The `scaling` command: info, train, sweep, report, bench and launch.
 
 scaling info MODEL [--image-size S] [--set KEY=VALUE ...]
 scaling train --config configs/train.py[:arg] [--config.KEY=VALUE ...] --workdir DIR
 scaling sweep --config configs/STUDY.py[:arg] --workdir DIR [--dry-run] [--parallel N]
 scaling report DIR [DIR ...] [--out OUT] [--notes NOTES.md]
+scaling bench [--models M ...] [--batch B] [--image-size S] [--steps N] [--compare torch]
 scaling launch tpu|skypilot --config configs/STUDY.py --name N --zone Z --accelerator v4-8 ...
 """
 
@@ -134,6 +135,23 @@ def report(args):
     print(f"report: {path}")
 
 
+def bench(args):
+    from scaling import bench as benchmarks
+
+    for name, value in [("--batch", args.batch), ("--image-size", args.image_size),
+                        ("--steps", args.steps), ("--windows", args.windows)]:  # fmt: skip
+        if value < 1:
+            raise ScalingError(f"{name} must be positive, got {value}")
+    result = benchmarks.bench(
+        args.models, batch=args.batch, image_size=args.image_size, steps=args.steps,
+        windows=args.windows, dtype=args.dtype, compare=args.compare,
+    )  # fmt: skip
+    print("\n".join(benchmarks.table(result["records"])))
+    if args.out:
+        benchmarks.write(result, Path(args.out), "scaling bench " + " ".join(sys.argv[2:]))
+        print(f"wrote {args.out}/bench.json and {args.out}/README.md")
+
+
 def launch(args, config_args):
     from scaling import launch as launcher
     from scaling import sweep as sweeps
@@ -206,6 +224,18 @@ def build_parser():
     p.add_argument("--out", help="where to write (default DIR/report); copies the run records")
     p.add_argument("--notes", help="a Markdown file placed at the top of REPORT.md")
 
+    p = sub.add_parser("bench", help="training throughput, utilisation, and PyTorch twins")
+    p.add_argument("--models", nargs="+", default=["resnet20", "wrn16_4", "efficientnet_b0",
+                   "vit_s4", "coatnet_cctt"], help="benchmark names or any model name")  # fmt: skip
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--steps", type=int, default=3, help="steps per timed window")
+    p.add_argument("--windows", type=int, default=5, help="timed windows; the median counts")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"],
+                   help="default: float32 on CPU, bfloat16 on accelerators")  # fmt: skip
+    p.add_argument("--compare", choices=["torch"], help="time the PyTorch twins alongside")
+    p.add_argument("--out", help="directory for bench.json and README.md (the table)")
+
     p = sub.add_parser(
         "launch", help="print (or --execute) cloud TPU commands for a study", epilog=config_help
     )
@@ -240,10 +270,10 @@ def main(argv=None):
         enable_compilation_cache()
     commands = {"train": train, "sweep": sweep, "launch": launch}
     try:
-        if rest and args.command in ("info", "report"):
+        if rest and args.command in ("info", "report", "bench"):
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
-        if args.command in ("info", "report"):
-            {"info": info, "report": report}[args.command](args)
+        if args.command in ("info", "report", "bench"):
+            {"info": info, "report": report, "bench": bench}[args.command](args)
         else:
             commands[args.command](args, rest)  # the rest is --config and its overrides
     except Diverged as e:

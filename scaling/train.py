@@ -10,6 +10,7 @@ global batch is sharded along its first axis, so XLA splits the work and BatchNo
 """
 
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -19,6 +20,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -28,7 +30,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
-from jax.sharding import NamedSharding
+from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
@@ -300,50 +302,29 @@ def prepare_workdir(workdir: Path, config, overwrite: bool):
         write_json_atomic(workdir / "config.json", json_config(config))
 
 
-def train(config: ml_collections.ConfigDict, workdir, *, overwrite=False, stop_after=None):
-    """Train (or resume) the run in `workdir`; returns the summary dict when training finished.
+def settings_of(config) -> dict:
+    """The model's constructor settings from a training config."""
+    settings = {k: v for k, v in config.model.items() if k not in ("name", "num_classes")}
+    return dict(settings, dtype=DTYPES[config.compute_dtype], image_size=config.image_size)
 
-    `stop_after` ends this process's share of the run after that many steps, leaving a checkpoint
-    to resume from, as a preempted job would.
-    """
-    workdir = Path(workdir)
-    if config.augment not in AUGMENTATIONS:
-        raise ScalingError(f"unknown augment {config.augment!r}; valid: {', '.join(AUGMENTATIONS)}")
-    if config.compute_dtype not in DTYPES:
-        raise ScalingError(
-            f"unknown compute_dtype {config.compute_dtype!r}; valid: float32, bfloat16"
-        )
-    devices = jax.device_count()
-    if config.batch_size % devices:
-        raise ScalingError(f"batch_size {config.batch_size} is not divisible by {devices} devices")
-    model_settings = {k: v for k, v in config.model.items() if k not in ("name", "num_classes")}
-    model_settings["dtype"] = DTYPES[config.compute_dtype]
-    model_settings["image_size"] = config.image_size  # for resolution-dependent models
-    models.abstract(config.model.name, **model_settings)  # a bad name or setting fails before I/O
-    prepare_workdir(workdir, config, overwrite)
 
-    ds = data.load(
-        config.dataset,
-        config.image_size,
-        train_examples=config.train_examples,
-        data_fraction=config.data_fraction,
-        holdout_fraction=config.holdout_fraction,
-        seed=config.data_seed,
-    )
-    n_train = len(ds.train_labels)
-    if n_train < config.batch_size:
-        raise ScalingError(
-            f"batch_size {config.batch_size} exceeds the {n_train} training examples"
-        )
-    model_settings["num_classes"] = ds.num_classes
-    total_steps = num_train_steps(config, n_train)
+@dataclasses.dataclass
+class Program:
+    """A run's jitted pieces over a one-axis data-parallel mesh: its initial state, the train
+    step (donating the state), the eval step, and what the loop needs besides."""
+
+    state: dict
+    train_step: Callable
+    eval_step: Callable
+    reset_sums: Callable
+    schedule: Callable
+    abstract_model: nnx.Module
+    batch_sharding: NamedSharding
+
+
+def build(config, model_settings, total_steps, pixel_mean, pixel_std) -> Program:
     tx, schedule = make_optimizer(config, total_steps)
-
-    # Per-channel statistics of the training images, for normalisation inside the step.
-    pixels = ds.train_images.reshape(-1, ds.train_images.shape[-1]).astype(np.float64)
-    mean, std = pixels.mean(0).astype(np.float32), pixels.std(0).astype(np.float32) + 1e-3
-
-    mesh = jax.make_mesh((devices,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
     replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     abstract_model = models.abstract(config.model.name, **model_settings)
     abstract_model.train()
@@ -367,17 +348,68 @@ def train(config: ml_collections.ConfigDict, workdir, *, overwrite=False, stop_a
 
     # Built inside jit with replicated outputs, so every host of a multi-host job holds the same
     # state without a host-to-device copy of the whole model.
-    state = jax.jit(init_state, out_shardings=replicated)(jax.random.key(config.seed), mean, std)
+    key = jax.random.key(config.seed)
+    state = jax.jit(init_state, out_shardings=replicated)(key, pixel_mean, pixel_std)
     reset_sums = jax.jit(
         lambda s: {**s, "metric_sums": ZERO_SUMS}, donate_argnums=0, out_shardings=replicated
     )
-
     train_step, eval_step = make_steps(config, train_def, eval_def, tx)
-    train_step = jax.jit(train_step, donate_argnums=0, out_shardings=replicated)
-    eval_step = jax.jit(eval_step, out_shardings=replicated)
+    return Program(
+        state=state,
+        train_step=jax.jit(train_step, donate_argnums=0, out_shardings=replicated),
+        eval_step=jax.jit(eval_step, out_shardings=replicated),
+        reset_sums=reset_sums,
+        schedule=schedule,
+        abstract_model=abstract_model,
+        batch_sharding=batch_sharding,
+    )
+
+
+def train(config: ml_collections.ConfigDict, workdir, *, overwrite=False, stop_after=None):
+    """Train (or resume) the run in `workdir`; returns the summary dict when training finished.
+
+    `stop_after` ends this process's share of the run after that many steps, leaving a checkpoint
+    to resume from, as a preempted job would.
+    """
+    workdir = Path(workdir)
+    if config.augment not in AUGMENTATIONS:
+        raise ScalingError(f"unknown augment {config.augment!r}; valid: {', '.join(AUGMENTATIONS)}")
+    if config.compute_dtype not in DTYPES:
+        raise ScalingError(
+            f"unknown compute_dtype {config.compute_dtype!r}; valid: float32, bfloat16"
+        )
+    devices = jax.device_count()
+    if config.batch_size % devices:
+        raise ScalingError(f"batch_size {config.batch_size} is not divisible by {devices} devices")
+    model_settings = settings_of(config)
+    models.abstract(config.model.name, **model_settings)  # a bad name or setting fails before I/O
+    prepare_workdir(workdir, config, overwrite)
+
+    ds = data.load(
+        config.dataset,
+        config.image_size,
+        train_examples=config.train_examples,
+        data_fraction=config.data_fraction,
+        holdout_fraction=config.holdout_fraction,
+        seed=config.data_seed,
+    )
+    n_train = len(ds.train_labels)
+    if n_train < config.batch_size:
+        raise ScalingError(
+            f"batch_size {config.batch_size} exceeds the {n_train} training examples"
+        )
+    model_settings["num_classes"] = ds.num_classes
+    total_steps = num_train_steps(config, n_train)
+
+    # Per-channel statistics of the training images, for normalisation inside the step.
+    pixels = ds.train_images.reshape(-1, ds.train_images.shape[-1]).astype(np.float64)
+    mean, std = pixels.mean(0).astype(np.float32), pixels.std(0).astype(np.float32) + 1e-3
+    program = build(config, model_settings, total_steps, mean, std)
+    state, train_step, schedule = program.state, program.train_step, program.schedule
+    abstract_model, batch_sharding = program.abstract_model, program.batch_sharding
     eval_batch = -(-config.eval_batch_size // devices) * devices  # a multiple of the devices
     run_eval = functools.partial(
-        evaluate, eval_step, batch_size=eval_batch, sharding=batch_sharding
+        evaluate, program.eval_step, batch_size=eval_batch, sharding=batch_sharding
     )
 
     checkpoints = ocp.CheckpointManager(
@@ -430,7 +462,7 @@ def train(config: ml_collections.ConfigDict, workdir, *, overwrite=False, stop_a
             done = step + 1
             if done % config.log_every == 0 or done == total_steps:
                 sums = jax.device_get(state["metric_sums"])
-                state = reset_sums(state)
+                state = program.reset_sums(state)
                 means = {k: float(sums[k] / sums["steps"]) for k in ("loss", "accuracy")}
                 if not math.isfinite(means["loss"]):
                     log(dict(step=done, loss=means["loss"], diverged=True, wall_time=wall()))

@@ -516,9 +516,10 @@ def match_params(layout, target_params, *, depths=None, num_classes=1000, head_s
     Depths stay fixed (CoAtNet-0's unless given); the widths keep CoAtNet-0's proportions
     64:96:192:384:768, rounded to multiples of 8 (of `head_size` in T stages), scaled by one
     factor: a few secant steps on log(parameters), then the nearest of the factors within 25%.
-    VIT_REL (one width, a multiple of `head_size`) also picks its depth unless given, since
-    its width steps are coarse. `settings` are other CoAtNet settings (image_size,
-    small_images, expansion, ...). Returns dict(layout, depths, dims, params).
+    VIT_REL without `depths` takes the width (a multiple of `head_size`) nearest the target at
+    ViT's 12 blocks, then the depth that fits best, since its width steps are coarse.
+    `settings` are other CoAtNet settings (image_size, small_images, expansion, ...).
+    Returns dict(layout, depths, dims, params).
     """
     layout = check_layout(layout)
     if not isinstance(target_params, (int, float)) or target_params < 1:
@@ -545,10 +546,14 @@ def match_params(layout, target_params, *, depths=None, num_classes=1000, head_s
         blocks = max(1, round((target_params - one) / (two - one)) + 1)
         return (blocks,), params_at(dims, (blocks,))
 
+    if free_depth:  # ViT's 12 blocks at the nearest width, then the depth that fits it best
+        widths = [(w,) for w in range(head_size, 4097, head_size)]
+        dims = min(widths, key=lambda d: error(params_at(d, (12,))))
+        depths, params = best_depth(dims)
+        return dict(layout=layout, depths=depths, dims=dims, params=params)
+
     def candidate(scale):
         dims = dims_at(scale)
-        if free_depth:
-            return (*best_depth(dims), dims)
         return depths, params_at(dims), dims
 
     scale = 96.0 * math.sqrt(target_params / 25e6)  # CoAtNet-0: S1 width 96 at 25M

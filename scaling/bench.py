@@ -1,0 +1,260 @@
+"""`scaling bench`: how fast each model trains on this machine, against its peak and PyTorch.
+
+    scaling bench                                   # the five standard models, batch 128, 32x32
+    scaling bench --models resnet20 wrn28_10 --batch 64 --steps 5 --out results/bench
+    scaling bench --compare torch --out results/bench
+
+Per model: compile seconds, training and evaluation images/second (the median of `--windows`
+timed windows of `--steps` steps each, after a warm-up, with the device synchronised at the end
+of every window), peak memory, FLOPs of one training step by XLA's cost analysis, the FLOP/s
+that makes, and the utilisation against this machine's measured peak (a large matmul timed
+the same way) and, on accelerators, the chip's datasheet peak. With `--compare torch` the
+PyTorch twins in benchmarks/torch_twins.py (same layers, same parameter count, checked) are
+timed in the same process, window by window in turn with the JAX model, on the CPU.
+"""
+
+import contextlib
+import importlib.util
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from scaling import ScalingError, models, train
+from scaling.config import load_config
+
+# The standard benchmark: one model per family at CIFAR size, the twins' shapes.
+MODELS = {
+    "resnet20": ("resnet20", {}),
+    "wrn16_4": ("wrn16_4", {}),
+    "efficientnet_b0": ("efficientnet_b0", {}),
+    "vit_s4": ("vit_s4", {}),
+    "coatnet_cctt": (
+        "coatnet",
+        dict(layout="CCTT", depths=(1, 1, 2, 3, 1), dims=(16, 24, 40, 96, 160), small_images=True),
+    ),
+}
+# Dense bfloat16 peaks from the vendors' datasheets (FLOP/s), by jax's device_kind.
+DATASHEET_PEAK = {
+    "NVIDIA H100 80GB HBM3": 989e12,
+    "NVIDIA H100 PCIe": 756e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA A100-SXM4-40GB": 312e12,
+    "NVIDIA A100-SXM4-80GB": 312e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5p": 459e12,
+}
+TWINS_FILE = Path(__file__).resolve().parents[1] / "benchmarks" / "torch_twins.py"
+TRAIN_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "train.py"
+
+
+def spec(name):
+    """(registry name, settings) of a benchmark model: a MODELS entry or any registry name."""
+    return MODELS.get(name, (name, {}))
+
+
+def windows_of(runners: dict, windows: int) -> dict[str, list[float]]:
+    """Seconds per window of each runner, the runners taking turns window by window so that
+    a drift in the machine's speed reaches all of them alike."""
+    seconds = {label: [] for label in runners}
+    for _ in range(windows):
+        for label, run in runners.items():
+            start = time.perf_counter()
+            run()
+            seconds[label].append(time.perf_counter() - start)
+    return seconds
+
+
+def processor() -> str:
+    """The CPU's model name (Linux), else what the platform module knows."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def measured_peak(dtype, windows=5) -> float:
+    """FLOP/s of a large square matmul, the practical peak of this device."""
+    n = 2048 if jax.default_backend() == "cpu" else 8192
+    a = jnp.ones((n, n), dtype)
+    matmul = jax.jit(lambda a: a @ a)
+    jax.block_until_ready(matmul(a))
+    reps = 4
+    seconds = windows_of(
+        {"mm": lambda: jax.block_until_ready([matmul(a) for _ in range(reps)])}, windows
+    )
+    return 2 * n**3 * reps / statistics.median(seconds["mm"])
+
+
+def jax_runners(name, batch, image_size, steps, dtype):
+    """Compile one model's train and eval steps; returns (facts, train runner, eval runner)."""
+    registry_name, settings = spec(name)
+    arg = f"model={registry_name},image_size={image_size},batch_size={batch},steps=1000"
+    config = load_config(f"{TRAIN_CONFIG}:{arg}")
+    with config.unlocked():
+        config.model.update(settings)
+        config.augment = "none"  # the twins do not augment: time the networks alone
+        config.compute_dtype = dtype
+    model_settings = dict(train.settings_of(config), num_classes=10)
+    stats = np.zeros(3, np.float32), np.ones(3, np.float32)
+    program = train.build(config, model_settings, 1000, *stats)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (batch, image_size, image_size, 3)).astype(np.uint8)
+    labels = rng.integers(0, 10, batch).astype(np.int32)
+    x, y = (jax.device_put(a, program.batch_sharding) for a in (images, labels))
+    mask = jax.device_put(np.ones(batch, np.float32), program.batch_sharding)
+
+    start = time.perf_counter()
+    train_step = program.train_step.lower(program.state, x, y).compile()
+    compile_seconds = time.perf_counter() - start
+    eval_step = program.eval_step.lower(program.state, x, y, mask).compile()
+    cost = train_step.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    memory = train_step.memory_analysis()
+    peak_bytes = None
+    if memory is not None:
+        peak_bytes = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+                      + memory.temp_size_in_bytes - memory.alias_size_in_bytes)  # fmt: skip
+    box = {"state": program.state}
+
+    def run_train():
+        for _ in range(steps):
+            box["state"] = train_step(box["state"], x, y)
+        jax.block_until_ready(box["state"])
+
+    def run_eval():
+        jax.block_until_ready([eval_step(box["state"], x, y, mask) for _ in range(steps)])
+
+    run_train(), run_eval()  # warm-up: first-call allocations, thread pools
+    facts = dict(
+        params=models.count_params(program.abstract_model),
+        compile_seconds=compile_seconds,
+        flops_per_step=float(cost.get("flops", float("nan"))),
+        peak_memory_bytes=peak_bytes,
+    )
+    return facts, run_train, run_eval
+
+
+def torch_runners(name, batch, image_size, steps, params):
+    """The PyTorch twin's train and eval runners, after checking its parameter count."""
+    import torch
+
+    if not TWINS_FILE.exists():
+        raise ScalingError(f"--compare torch needs {TWINS_FILE} (a source checkout)")
+    module_spec = importlib.util.spec_from_file_location("torch_twins", TWINS_FILE)
+    twins = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(twins)
+    if name not in twins.TWINS:
+        raise ScalingError(f"no PyTorch twin of {name}; twins: {', '.join(twins.TWINS)}")
+    model = twins.build(name, num_classes=10)
+    if (count := twins.count_params(model)) != params:
+        raise ScalingError(f"the PyTorch twin of {name} has {count} parameters, JAX {params}")
+    model = model.to(memory_format=torch.channels_last)  # PyTorch's fastest CPU conv layout
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True,
+                                weight_decay=5e-4)  # fmt: skip
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(batch, 3, image_size, image_size, generator=generator)
+    x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,), generator=generator)
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def run_train():
+        model.train()
+        for _ in range(steps):
+            optimizer.zero_grad(set_to_none=True)
+            loss_fn(model(x), y).backward()
+            optimizer.step()
+
+    def run_eval():
+        model.eval()
+        with torch.no_grad():
+            for _ in range(steps):
+                model(x)
+
+    run_train(), run_eval()
+    return run_train, run_eval
+
+
+def bench(names, *, batch=128, image_size=32, steps=3, windows=5, dtype=None, compare=None,
+          echo=print):  # fmt: skip
+    """One record per model (see the module docstring); also the machine's facts."""
+    dtype = dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+    if compare and jax.default_backend() != "cpu":
+        raise ScalingError("--compare torch times the PyTorch twins on the CPU: run it there")
+    for name in names:  # bad names fail before any timing
+        registry_name, settings = spec(name)
+        models.abstract(registry_name, image_size=image_size, **settings)
+    device = jax.devices()[0]
+    peak = measured_peak(train.DTYPES[dtype])
+    machine = dict(
+        device=device.device_kind, platform=jax.default_backend(), devices=jax.device_count(),
+        processor=processor(), python=sys.version.split()[0],
+        jax=jax.__version__, dtype=dtype, measured_peak_flops=peak,
+        datasheet_peak_flops=DATASHEET_PEAK.get(device.device_kind),
+    )  # fmt: skip
+    if compare:
+        import torch
+
+        machine["torch"] = torch.__version__
+    echo(f"{device.device_kind} ({jax.default_backend()}), {dtype}: peak {peak / 1e9:.1f} GFLOP/s")
+    records = []
+    for name in names:
+        facts, jax_train, jax_eval = jax_runners(name, batch, image_size, steps, dtype)
+        runners = {"jax_train": jax_train, "jax_eval": jax_eval}
+        if compare:
+            torch_train, torch_eval = torch_runners(name, batch, image_size, steps, facts["params"])
+            runners |= {"torch_train": torch_train, "torch_eval": torch_eval}
+        seconds = windows_of(runners, windows)
+        rates = {f"{k}_images_per_second": batch * steps / statistics.median(v)
+                 for k, v in seconds.items()}  # fmt: skip
+        record = dict(model=name, batch=batch, image_size=image_size, **facts, **rates)
+        achieved = facts["flops_per_step"] * rates["jax_train_images_per_second"] / batch
+        record |= dict(achieved_flops=achieved, utilisation=achieved / peak)
+        if machine["datasheet_peak_flops"]:
+            record["datasheet_utilisation"] = achieved / machine["datasheet_peak_flops"]
+        if compare:
+            record["jax_over_torch"] = (
+                rates["jax_train_images_per_second"] / rates["torch_train_images_per_second"]
+            )
+        echo(table([record])[-1])
+        records.append(record)
+    return dict(machine=machine, records=records)
+
+
+def table(records) -> list[str]:
+    """Markdown rows: the header, then one per record."""
+    columns = [("model", "{}"), ("params", "{:,}"), ("compile_seconds", "{:.1f}"),
+               ("jax_train_images_per_second", "{:.1f}"), ("jax_eval_images_per_second", "{:.1f}"),
+               ("flops_per_step", "{:.3g}"), ("achieved_flops", "{:.3g}"),
+               ("utilisation", "{:.1%}"), ("datasheet_utilisation", "{:.1%}"),
+               ("peak_memory_bytes", "{:.3g}"), ("torch_train_images_per_second", "{:.1f}"),
+               ("torch_eval_images_per_second", "{:.1f}"),
+               ("jax_over_torch", "{:.2f}")]  # fmt: skip
+    present = [(c, f) for c, f in columns if any(r.get(c) is not None for r in records)]
+    rows = ["| " + " | ".join(c for c, _ in present) + " |", "|" + "---|" * len(present)]
+    for r in records:
+        rows.append(
+            "| " + " | ".join("" if r.get(c) is None else f.format(r[c]) for c, f in present) + " |"
+        )
+    return rows
+
+
+def write(result, out: Path, command: str):
+    """out/bench.json and out/README.md (the table, the command and the machine)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(dict(result, command=command), indent=1) + "\n")
+    m = result["machine"]
+    lines = [f"# Benchmark: {m['device']}", "", f"    {command}", "",
+             f"{m['device']} ({m['processor']}, {m['devices']} device(s)), {m['dtype']}, "
+             f"jax {m['jax']}" + (f", torch {m['torch']}" if "torch" in m else "") +
+             f"; measured matmul peak {m['measured_peak_flops'] / 1e9:.1f} GFLOP/s.", "",
+             *table(result["records"]), ""]  # fmt: skip
+    (out / "README.md").write_text("\n".join(lines))

@@ -1,0 +1,42 @@
+"""`scaling bench`: the harness measures what it says (timings are not asserted)."""
+
+import json
+
+import pytest
+from conftest import scaling_cli
+
+from scaling import bench, flops
+
+
+def test_bench_records_every_measure(tmp_path):
+    result = bench.bench(["resnet8"], batch=8, image_size=8, steps=1, windows=2, echo=lambda _: 0)
+    machine, (record,) = result["machine"], result["records"]
+    assert machine["platform"] == "cpu" and machine["dtype"] == "float32"
+    assert machine["measured_peak_flops"] > 1e8
+    timed = bench.models.abstract("resnet8", num_classes=10)
+    assert record["params"] == bench.models.count_params(timed) == 75_290
+    assert record["compile_seconds"] > 0 and record["peak_memory_bytes"] > 0
+    # A training step costs about 3x the forward pass: XLA's count of it must say so.
+    forward = 8 * flops.xla_flops(timed, 8)
+    assert 2 * forward < record["flops_per_step"] < 5 * forward
+    assert record["jax_train_images_per_second"] > 0 and record["jax_eval_images_per_second"] > 0
+    assert record["achieved_flops"] == pytest.approx(
+        record["flops_per_step"] * record["jax_train_images_per_second"] / 8
+    )
+    bench.write(result, tmp_path, "scaling bench --models resnet8")
+    assert json.loads((tmp_path / "bench.json").read_text())["records"][0]["model"] == "resnet8"
+    table = (tmp_path / "README.md").read_text()
+    assert "| resnet8 | 75,290 |" in table and "scaling bench --models resnet8" in table
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--batch", "0"], "--batch must be positive, got 0"),
+        (["--models", "resnet20", "nosuchnet"], "unknown model 'nosuchnet'"),
+    ],
+)
+def test_bad_bench_input_is_one_line(args, message):
+    result = scaling_cli("bench", "--steps", "1", "--windows", "1", *args)
+    assert result.returncode == 2
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
