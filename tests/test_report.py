@@ -143,3 +143,25 @@ def test_data_efficiency_figure_draws_fitted_curves(tmp_path):
     assert report.data_efficiency(done, tmp_path, laws) == "data_efficiency.png"
     size = Image.open(tmp_path / "data_efficiency.png").size
     assert size == tuple(round(s * report.DPI) for s in report.SIZES["data_efficiency"])
+
+
+def test_runs_write_tensorboard_events(synthetic_sweep):
+    """The scalars of metrics.jsonl, as TensorBoard event records (TFRecord framing)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    (events_file,) = (synthetic_sweep / "name=wrn10_1").glob("events.out.tfevents.*")
+    data, scalars = events_file.read_bytes(), {}
+    while data:
+        (length,) = struct.unpack("<Q", data[:8])
+        event = event_pb2.Event.FromString(data[12 : 12 + length])
+        data = data[12 + length + 4 :]
+        for value in event.summary.value:
+            scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+    metrics = results.curves(synthetic_sweep / "name=wrn10_1")
+    train_rows = metrics.dropna(subset=["loss"])
+    assert scalars["loss"] == pytest.approx(
+        dict(zip(train_rows.step, train_rows.loss, strict=True))
+    )
+    assert {"accuracy", "learning_rate", "images_per_second", "test_accuracy"} <= set(scalars)
