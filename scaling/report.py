@@ -55,15 +55,23 @@ def power_law(u, a, b, c, d=0.0):
 
 
 def fit_power_law(x, err) -> Fit:
-    """Fit the saturating power law; `d` is free only with 6 or more distinct x values (else 0),
-    and fewer than 4 are refused. Non-convergence, an unidentifiable parameter, or error that
-    does not fall with x give converged=False and the reason."""
+    """Fit the saturating power law. Fewer than 4 distinct x values are refused; with 6 or more
+    `d` is fitted too, and if that fit fails, fitted again with d = 0. Non-convergence, an
+    unidentifiable parameter, error that does not fall with x, or an exponent smaller than its
+    standard error give converged=False and the reason."""
     x, err = np.asarray(x, float), np.asarray(err, float)
     distinct = len(np.unique(x))
     if distinct < 4:
         return Fit(False, f"needs 4 or more distinct x values, has {distinct}")
-    x0, free_d = x.min(), distinct >= 6
-    names = "abcd" if free_d else "abc"
+    for free_d in [True, False] if distinct >= 6 else [False]:
+        fit = fit_once(x, err, free_d)
+        if fit.converged:
+            break
+    return fit
+
+
+def fit_once(x, err, free_d) -> Fit:
+    x0, names = x.min(), "abcd" if free_d else "abc"
     guess = [max(err.max() - err.min(), 1e-3), 0.5, err.min() / 2] + [0.0] * free_d
     bounds = ([0, 0, 0] + [0] * free_d, [10, 5, 1] + [10] * free_d)
     try:
@@ -79,11 +87,8 @@ def fit_power_law(x, err) -> Fit:
     if popt[0] < 1e-6 or popt[1] < 1e-3:
         return dataclasses.replace(fit, converged=False, message="error does not fall with x")
     if stderr[1] > popt[1]:
-        return dataclasses.replace(
-            fit,
-            converged=False,
-            message=f"exponent undetermined (b = {popt[1]:.2g} ± {stderr[1]:.2g})",
-        )
+        message = f"exponent undetermined (b = {popt[1]:.2g} ± {stderr[1]:.2g})"
+        return dataclasses.replace(fit, converged=False, message=message)
     return fit
 
 
@@ -185,6 +190,10 @@ def pareto(done, out, laws):
             if law and law["fit"].converged:
                 grid = np.geomspace(rows[x].min(), rows[x].max(), 100)
                 ax.plot(grid, 1 - law["fit"](grid), "--", color=points.get_facecolor()[0])
+        if done.arch.nunique() <= 16:  # name each architecture at its mean over seeds
+            for arch, mean in done.groupby("arch")[[x, "test_accuracy"]].mean().iterrows():
+                ax.annotate(arch, (mean[x], mean.test_accuracy), fontsize=6, alpha=0.8,
+                            xytext=(3, -8), textcoords="offset points")  # fmt: skip
         ax.set(xscale="log", xlabel=label, ylabel="test accuracy")
     axes[0].legend(fontsize=8)
     axes[0].set_title("points; step line: Pareto front; dashed: fitted law", fontsize=9)
@@ -248,7 +257,7 @@ def curves(df, out):
     if not drawn:
         plt.close(fig)
         return None
-    ax.set(xlabel="step", ylabel="training loss (running mean)", yscale="log")
+    ax.set(xlabel="step", ylabel="training loss (mean since the previous point)")
     ax.legend(fontsize=7, ncol=2)
     return save(fig, out, "curves")
 
