@@ -28,6 +28,10 @@ SIZES = {  # inches; figures are DPI times these in pixels
     "curves": (7, 4.5),
 }
 FIT_AXES = {"params": "family", "flops": "family", "train_examples": "arch"}  # x: grouped by
+TABLE_HEADINGS = {
+    "mflops": "MFLOP/image (XLA, forward)", "train_acc": "train acc", "test_acc": "test acc",
+    "test_acc_std": "± std", "gap": "train-test gap", "wall_s": "wall s", "img_per_s": "images/s",
+}  # fmt: skip
 RUN_FILES = ("config.json", "summary.json", "metrics.jsonl")  # what a results copy keeps
 
 
@@ -137,7 +141,7 @@ def summary_table(done: pd.DataFrame) -> pd.DataFrame:
     )  # fmt: skip
     table["mflops"] /= 1e6
     table["params"] = table["params"].astype(int)
-    return table.reset_index()
+    return table.reset_index().rename(columns=TABLE_HEADINGS)
 
 
 # ---- Figures ----
