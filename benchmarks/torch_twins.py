@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scaling.bench import MODELS
+from scaling.models import efficientnet
 
 # The benchmark's models (scaling.bench.MODELS), all at CIFAR size.
 TWINS = {name: dict(model=m, settings=s, image_size=32) for name, (m, s) in MODELS.items()}
@@ -160,17 +161,7 @@ class ResNet(nn.Module):
 
 
 # EfficientNet-B0 (ImageNet strides: a 32x32 input ends at 1x1).
-
-# (expansion, kernel, stride, output channels, blocks) per stage.
-B0_STAGES = (
-    (1, 3, 1, 16, 1),
-    (6, 3, 2, 24, 2),
-    (6, 5, 2, 40, 2),
-    (6, 3, 2, 80, 3),
-    (6, 5, 1, 112, 3),
-    (6, 5, 2, 192, 4),
-    (6, 3, 1, 320, 1),
-)
+B0_STAGES = efficientnet.STAGES  # (expansion, kernel, stride, channels, blocks) per stage
 
 
 def tf_batch_norm(channels):
