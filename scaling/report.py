@@ -314,8 +314,9 @@ def copy_runs(directories, df, out: Path):
         target = out / "runs" / trial.trial
         target.mkdir(parents=True, exist_ok=True)
         for name in RUN_FILES:
-            if (Path(trial.path) / name).exists():
-                shutil.copy2(Path(trial.path) / name, target / name)
+            source = Path(trial.path) / name
+            if source.exists() and source.resolve() != (target / name).resolve():
+                shutil.copy2(source, target / name)
 
 
 def write(directories, out=None, notes=None) -> Path:
@@ -324,11 +325,13 @@ def write(directories, out=None, notes=None) -> Path:
     df = results.load(*directories)
     out = Path(out or Path(directories[0]) / "report")
     out.mkdir(parents=True, exist_ok=True)
+    for name in SIZES:  # a figure the trials no longer have the axes for must not linger
+        (out / f"{name}.png").unlink(missing_ok=True)
     if not out.resolve().is_relative_to(Path(directories[0]).resolve()):
         copy_runs(directories, df, out)
     df.drop(columns=["path"]).to_csv(out / "runs.csv", index=False)
     done = df[df.status == "done"]
-    lines = [f"# Report: {', '.join(Path(d).name for d in directories)}", ""]
+    lines = [f"# Report: {', '.join(results.study_name(d) for d in directories)}", ""]
     if notes:
         lines += [Path(notes).read_text().strip(), ""]
     lines += ["## Status", "", *status_lines(df), ""]

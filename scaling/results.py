@@ -49,7 +49,11 @@ def row(trial_dir: Path, record: dict) -> dict:
         optimizer=config.get("optimizer", {}).get("name"),
         data_fraction=config.get("data_fraction"), image_size=config.get("image_size"),
     )  # fmt: skip
-    out.update({key.rsplit(".", 1)[-1]: v for key, v in overrides.items()})
+    # Axes by their last component (seed, train_examples, ...); model settings keep their
+    # prefix (model.width), apart from the model's name, which is the `model` column.
+    for key, value in overrides.items():
+        if key != "model.name":
+            out[key if key.startswith("model.") else key.rsplit(".", 1)[-1]] = value
     model.setdefault("layout", overrides.get("model.layout"))
     if summary_path.exists():
         summary = json.loads(summary_path.read_text())
@@ -65,10 +69,22 @@ def row(trial_dir: Path, record: dict) -> dict:
         )
     name = out["model"] or ""
     out["family"] = re.match(r"[a-z]*", name.removeprefix("preact_")).group()
-    out["arch"] = f"coatnet-{model['layout']}" if name == "coatnet" else name
+    out["arch"] = name
+    if name == "coatnet":
+        out["arch"] = f"coatnet-{model['layout']}"
+    elif "width" in model or "depth" in model:  # a named model resized by its settings
+        out["arch"] = "-".join(
+            [name] + [f"{k[0]}{model[k]}" for k in ("width", "depth") if k in model]
+        )
     if match := WRN.match(name):
         out["depth"], out["width"] = int(match[1]), int(match[2])
     return out
+
+
+def study_name(directory: Path) -> str:
+    """A sweep directory's name; a report's copy (STUDY/runs) goes by its study's."""
+    directory = Path(directory).resolve()
+    return directory.parent.name if directory.name == "runs" else directory.name
 
 
 def load(*directories) -> pd.DataFrame:
@@ -80,7 +96,7 @@ def load(*directories) -> pd.DataFrame:
         if not directory.is_dir():
             raise ScalingError(f"no such results directory: {directory}")
         for trial_dir, record in sorted(trial_dirs(directory).items()):
-            rows.append({"study": directory.name, **row(trial_dir, record)})
+            rows.append({"study": study_name(directory), **row(trial_dir, record)})
     if not rows:
         raise ScalingError(f"no trials found in {', '.join(map(str, directories))}")
     df = pd.DataFrame(rows)

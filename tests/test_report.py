@@ -48,7 +48,7 @@ def test_dataframe_has_one_row_per_trial(synthetic_sweep):
     assert len(df) == 6
     assert sorted(df.status) == ["done"] * 4 + ["pending", "running"]
     done = df[df.status == "done"]
-    for column in ["name", "arch", "family", "depth", "width", "params", "flops", "activations",
+    for column in ["model", "arch", "family", "depth", "width", "params", "flops", "activations",
                    "train_accuracy", "test_accuracy", "train_loss", "test_loss",
                    "generalization_gap", "wall_seconds", "images_per_second", "examples_seen",
                    "seed", "test_error"]:  # fmt: skip
@@ -74,9 +74,11 @@ def test_report_writes_files_and_figures(synthetic_sweep, tmp_path):
         assert (width, height) == tuple(round(s * report.DPI) for s in report.SIZES[name])
     assert not (out / "data_efficiency.png").exists()  # one training-set size: nothing to draw
     assert len((out / "runs.csv").read_text().splitlines()) == 1 + 6
-    # The copy of the run records rebuilds the same table.
-    again = results.load(out / "runs")
-    assert sorted(again.trial) == sorted(results.load(synthetic_sweep).trial)
+    # The copy of the run records rebuilds the same report, in place.
+    again = scaling_cli("report", str(out / "runs"), "--out", str(out))
+    assert again.returncode == 0, again.stderr
+    assert (out / "REPORT.md").read_text() == text
+    assert sorted(results.load(out / "runs").trial) == sorted(results.load(synthetic_sweep).trial)
 
 
 def test_bad_report_directory_is_one_line_error(tmp_path):
