@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from scaling import ScalingError, models, train
 from scaling.config import load_config
@@ -84,7 +84,7 @@ def processor() -> str:
 def measured_peak(dtype, windows=5) -> float:
     """FLOP/s of a large square matmul, the practical peak of this device."""
     n = 2048 if jax.default_backend() == "cpu" else 8192
-    a = jnp.ones((n, n), dtype)
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)  # constant data runs faster on GPUs
     matmul = jax.jit(lambda a: a @ a)
     jax.block_until_ready(matmul(a))
     reps = 4
@@ -116,8 +116,6 @@ def jax_runners(name, batch, image_size, steps, dtype):
     train_step = program.train_step.lower(program.state, x, y).compile()
     compile_seconds = time.perf_counter() - start
     eval_step = program.eval_step.lower(program.state, x, y, mask).compile()
-    cost = train_step.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
     memory = train_step.memory_analysis()
     peak_bytes = None
     if memory is not None:
@@ -137,23 +135,49 @@ def jax_runners(name, batch, image_size, steps, dtype):
     facts = dict(
         params=models.count_params(program.abstract_model),
         compile_seconds=compile_seconds,
-        flops_per_step=float(cost.get("flops", float("nan"))),
+        flops_per_step=train_step_flops(config, model_settings, program.state, x, y),
         peak_memory_bytes=peak_bytes,
     )
     return facts, run_train, run_eval
+
+
+def train_step_flops(config, model_settings, state, x, y) -> float:
+    """XLA's FLOP count of one training step. XLA counts a loop's body once, so the step is
+    lowered (not compiled) again with scanned layers unrolled, as flops.xla_flops does."""
+    abstract = models.abstract(config.model.name, **model_settings)
+    abstract.set_attributes(unroll_scan=True, raise_if_not_found=False)
+    abstract.train()
+    train_def = nnx.graphdef(abstract)
+    abstract.eval()
+    tx, _ = train.make_optimizer(config, 1000)
+    step, _ = train.make_steps(config, train_def, nnx.graphdef(abstract), tx)
+    cost = jax.jit(step).lower(state, x, y).cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float(cost["flops"])
+
+
+def load_twins():
+    """benchmarks/torch_twins.py, which needs PyTorch and a source checkout."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise ScalingError(
+            "--compare torch needs PyTorch: pip install torch "
+            "--index-url https://download.pytorch.org/whl/cpu"
+        ) from None
+    if not TWINS_FILE.exists():
+        raise ScalingError(f"--compare torch needs {TWINS_FILE} (a source checkout)")
+    module_spec = importlib.util.spec_from_file_location("torch_twins", TWINS_FILE)
+    twins = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(twins)
+    return twins
 
 
 def torch_runners(name, batch, image_size, steps, params):
     """The PyTorch twin's train and eval runners, after checking its parameter count."""
     import torch
 
-    if not TWINS_FILE.exists():
-        raise ScalingError(f"--compare torch needs {TWINS_FILE} (a source checkout)")
-    module_spec = importlib.util.spec_from_file_location("torch_twins", TWINS_FILE)
-    twins = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(twins)
-    if name not in twins.TWINS:
-        raise ScalingError(f"no PyTorch twin of {name}; twins: {', '.join(twins.TWINS)}")
+    twins = load_twins()
     model = twins.build(name, num_classes=10)
     if (count := twins.count_params(model)) != params:
         raise ScalingError(f"the PyTorch twin of {name} has {count} parameters, JAX {params}")
@@ -189,9 +213,13 @@ def bench(names, *, batch=128, image_size=32, steps=3, windows=5, dtype=None, co
     dtype = dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
     if compare and jax.default_backend() != "cpu":
         raise ScalingError("--compare torch times the PyTorch twins on the CPU: run it there")
+    if batch % jax.device_count():
+        raise ScalingError(f"--batch {batch} is not divisible by {jax.device_count()} devices")
     for name in names:  # bad names fail before any timing
         registry_name, settings = spec(name)
         models.abstract(registry_name, image_size=image_size, **settings)
+        if compare and name not in load_twins().TWINS:
+            raise ScalingError(f"no PyTorch twin of {name}; twins: {', '.join(MODELS)}")
     device = jax.devices()[0]
     peak = measured_peak(train.DTYPES[dtype])
     machine = dict(
@@ -218,7 +246,7 @@ def bench(names, *, batch=128, image_size=32, steps=3, windows=5, dtype=None, co
         record = dict(model=name, batch=batch, image_size=image_size, **facts, **rates)
         achieved = facts["flops_per_step"] * rates["jax_train_images_per_second"] / batch
         record |= dict(achieved_flops=achieved, utilisation=achieved / peak)
-        if machine["datasheet_peak_flops"]:
+        if machine["datasheet_peak_flops"] and dtype == "bfloat16":  # the datasheet's is bf16
             record["datasheet_utilisation"] = achieved / machine["datasheet_peak_flops"]
         if compare:
             record["jax_over_torch"] = (

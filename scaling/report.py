@@ -17,7 +17,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from scipy.optimize import curve_fit  # noqa: E402
 
-from scaling import results, sweep  # noqa: E402
+from scaling import ScalingError, results, sweep  # noqa: E402
 
 DPI = 100
 SIZES = {  # inches; figures are DPI times these in pixels
@@ -97,16 +97,20 @@ def fit_once(x, err, free_d) -> Fit:
 
 
 def fits(done: pd.DataFrame) -> list[dict]:
-    """Test-error power laws per group, for every axis that varies enough to fit."""
+    """Test-error power laws per group (family or architecture, and any other axis the study
+    varies, such as the dataset), for every x that varies enough to fit."""
     out = []
+    model_axes = {"arch", "depth", "width", "train_examples", "data_fraction"}
+    others = [a for a in axes_of(done) if a not in model_axes]
     for x, by in FIT_AXES.items():
         if x not in done or done[x].nunique() < 2:
             continue
-        for group, rows in done.groupby(by):
+        for group, rows in done.groupby([by, *others], dropna=False):
             if rows[x].nunique() < 2:
                 continue
+            label = ", ".join(map(str, group))
             out.append(
-                dict(group=group, x=x, n=len(rows), fit=fit_power_law(rows[x], rows.test_error))
+                dict(group=label, x=x, n=len(rows), fit=fit_power_law(rows[x], rows.test_error))
             )
     return out
 
@@ -124,24 +128,32 @@ def pareto_front(points: pd.DataFrame, x: str, y: str = "test_accuracy") -> pd.D
 
 
 def axes_of(df: pd.DataFrame) -> list[str]:
-    """The columns a study varies, besides the seed: its sweep axes and the architecture."""
-    candidates = ["arch", "depth", "width", "train_examples", "data_fraction", "image_size"]
-    return [c for c in candidates if c in df and df[c].nunique(dropna=True) > 1] or ["arch"]
+    """The columns that tell the study's settings apart, the seed aside: the architecture, the
+    sweep's own axes, and the source and dataset when several are reported together."""
+    candidates = ["study", "dataset", "arch", "depth", "width", *df.attrs.get("axes", [])]
+    varying = [c for c in candidates if c in df and df[c].nunique(dropna=True) > 1]
+    return list(dict.fromkeys(["arch", *varying]))
 
 
 def summary_table(done: pd.DataFrame) -> pd.DataFrame:
-    """Means (and the test accuracy's std) over seeds, one row per setting of the axes."""
+    """Means (and the test accuracy's std) over seeds, one row per setting of the axes. Trials
+    that differ in anything but the seed are never averaged: if the axes shown do not tell two
+    settings apart, the setting's name is shown too."""
     keys = axes_of(done)
-    grouped = done.groupby(keys, dropna=False)
+    show_setting = done.groupby(keys, dropna=False).setting.nunique().max() > 1
+    grouped = done.groupby([*keys, "setting"], dropna=False)
     table = grouped.agg(
-        seeds=("seed", "nunique"), params=("params", "first"), mflops=("flops", "first"),
+        seeds=("test_accuracy", "count"), params=("params", "first"), mflops=("flops", "first"),
         train_acc=("train_accuracy", "mean"), test_acc=("test_accuracy", "mean"),
         test_acc_std=("test_accuracy", "std"), gap=("generalization_gap", "mean"),
         wall_s=("wall_seconds", "mean"), img_per_s=("images_per_second", "mean"),
     )  # fmt: skip
     table["mflops"] /= 1e6
     table["params"] = table["params"].astype(int)
-    return table.reset_index().rename(columns=TABLE_HEADINGS)
+    table = table.reset_index()
+    if not show_setting:
+        table = table.drop(columns="setting")
+    return table.rename(columns=TABLE_HEADINGS)
 
 
 # ---- Figures ----
@@ -183,14 +195,14 @@ def pareto(done, out, laws):
     for ax, x, label in zip(
         axes,
         ["params", "flops", "wall_seconds"],
-        ["parameters", "FLOPs", "wall seconds"],
+        ["parameters", "FLOP/image (XLA, forward)", "wall seconds per trial"],
         strict=True,
     ):
         for family, rows in done.groupby("family"):
             points = ax.scatter(rows[x], rows.test_accuracy, s=18, alpha=0.6, label=family)
             front = pareto_front(rows, x)
             ax.step(front[x], front.test_accuracy, where="post", color=points.get_facecolor()[0])
-            law = next((f for f in laws if f["x"] == x and f["group"] == family), None)
+            law = next((f for f in laws if f["x"] == x and f["group"] == str(family)), None)
             if law and law["fit"].converged:
                 grid = np.geomspace(rows[x].min(), rows[x].max(), 100)
                 ax.plot(grid, 1 - law["fit"](grid), "--", color=points.get_facecolor()[0])
@@ -213,7 +225,9 @@ def data_efficiency(done, out, laws):
         line = ax.errorbar(
             stats.index, stats["mean"], yerr=stats["std"], marker="o", capsize=3, label=arch
         )
-        law = next((f for f in laws if f["x"] == "train_examples" and f["group"] == arch), None)
+        law = next(
+            (f for f in laws if f["x"] == "train_examples" and f["group"] == str(arch)), None
+        )
         if law and law["fit"].converged:
             grid = np.geomspace(stats.index.min(), stats.index.max(), 100)
             ax.plot(grid, 1 - law["fit"](grid), "--", color=line.lines[0].get_color())
@@ -297,8 +311,11 @@ def fit_table(laws) -> str:
 def status_lines(df) -> list[str]:
     counts = df.status.value_counts()
     lines = [f"{len(df)} trials: " + ", ".join(f"{n} {state}" for state, n in counts.items()) + "."]
-    for _, trial in df[df.status.isin(["failed", "diverged"])].iterrows():
-        lines.append(f"- `{trial.trial}` {trial.status}: {trial.get('error')}")
+    for _, trial in df[~df.status.isin(["done", "running", "pending"])].iterrows():
+        error = trial.get("error")
+        lines.append(
+            f"- `{trial.trial}` {trial.status}" + (f": {error}" if isinstance(error, str) else "")
+        )
     for _, trial in df[df.status == "running"].iterrows():
         lines.append(f"- `{trial.trial}` running: step {trial.steps_done}")
     return lines
@@ -307,6 +324,11 @@ def status_lines(df) -> list[str]:
 def copy_runs(directories, df, out: Path):
     """The sweep index and the small per-trial files (config, summary, metrics) under
     out/runs/, so that the report can be rebuilt from the copy alone."""
+    if repeated := df.trial[df.trial.duplicated()].tolist():
+        raise ScalingError(
+            f"trial names repeat across the directories ({repeated[0]}, ...): report them "
+            "separately, or together into the first directory's report/"
+        )
     (out / "runs").mkdir(exist_ok=True)
     records = [r for d in directories for r in results.trial_dirs(Path(d)).values() if r]
     sweep.write_index(out / "runs", {r["name"]: r for r in records})
@@ -330,6 +352,9 @@ def write(directories, out=None, notes=None) -> Path:
     if not out.resolve().is_relative_to(Path(directories[0]).resolve()):
         copy_runs(directories, df, out)
     df.drop(columns=["path"]).to_csv(out / "runs.csv", index=False)
+    accuracy = df["test_accuracy"] if "test_accuracy" in df else pd.Series(np.nan, df.index)
+    finite = np.isfinite(pd.to_numeric(accuracy, errors="coerce"))
+    df.loc[(df.status == "done") & ~finite, "status"] = "done, metrics not finite"
     done = df[df.status == "done"]
     lines = [f"# Report: {', '.join(results.study_name(d) for d in directories)}", ""]
     if notes:

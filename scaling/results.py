@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from scaling import ScalingError
-from scaling.sweep import read_index
+from scaling.sweep import read_index, trial_name
 from scaling.train import read_metrics
 
 # The summary fields every finished row carries (see train.train).
@@ -49,20 +49,25 @@ def row(trial_dir: Path, record: dict) -> dict:
         optimizer=config.get("optimizer", {}).get("name"),
         data_fraction=config.get("data_fraction"), image_size=config.get("image_size"),
     )  # fmt: skip
-    # Axes by their last component (seed, train_examples, ...); model settings keep their
-    # prefix (model.width), apart from the model's name, which is the `model` column.
-    for key, value in overrides.items():
-        if key != "model.name":
-            out[key if key.startswith("model.") else key.rsplit(".", 1)[-1]] = value
+    columns = axis_columns(overrides)
+    out.update(columns)
+    out["_axes"] = [c for c in columns if c != "seed" and not c.startswith("model.")]
+    # One key per setting of the axes, the seed aside: what a table may average over.
+    others = {k: v for k, v in overrides.items() if k != "seed"}
+    out["setting"] = trial_name(others) if overrides else trial_dir.name
     model.setdefault("layout", overrides.get("model.layout"))
     if summary_path.exists():
         summary = json.loads(summary_path.read_text())
+        if missing := [k for k in SUMMARY if k not in summary]:
+            raise ScalingError(f"{summary_path} lacks {', '.join(missing)}")
         out.update({k: summary[k] for k in SUMMARY}, status="done", steps_done=summary["steps"])
     else:
         metrics = [r for r in read_metrics(trial_dir / "metrics.jsonl") if "loss" in r]
         last = metrics[-1] if metrics else {}
+        state = record.get("state", "pending")
         out.update(
-            status=record.get("state", "pending"),
+            # "done" without its summary (a partial copy; another host's view of the run)
+            status="no summary.json" if state == "done" else state,
             error=record.get("error"),
             steps_done=last.get("step", 0),
             running_loss=last.get("loss"),
@@ -79,6 +84,17 @@ def row(trial_dir: Path, record: dict) -> dict:
     if match := WRN.match(name):
         out["depth"], out["width"] = int(match[1]), int(match[2])
     return out
+
+
+def axis_columns(overrides: dict) -> dict:
+    """Override keys as columns: by their last component (seed, train_examples, ...) unless two
+    share it; model settings keep their prefix (model.width); the model's name is `model`."""
+    lasts = [k.rsplit(".", 1)[-1] for k in overrides]
+    return {
+        key if key.startswith("model.") or lasts.count(last) > 1 else last: value
+        for (key, value), last in zip(overrides.items(), lasts, strict=True)
+        if key != "model.name"
+    }
 
 
 def study_name(directory: Path) -> str:
@@ -99,7 +115,10 @@ def load(*directories) -> pd.DataFrame:
             rows.append({"study": study_name(directory), **row(trial_dir, record)})
     if not rows:
         raise ScalingError(f"no trials found in {', '.join(map(str, directories))}")
+    # The sweeps' own axes (not model settings, which `arch` names), for grouping in reports.
+    axes = {c: None for r in rows for c in r.pop("_axes")}
     df = pd.DataFrame(rows)
+    df.attrs["axes"] = list(axes)
     if "test_accuracy" in df:
         df["test_error"] = 1 - df["test_accuracy"]
     return df

@@ -169,3 +169,32 @@ def test_runs_write_tensorboard_events(synthetic_sweep):
         dict(zip(train_rows.step, train_rows.loss, strict=True))
     )
     assert {"accuracy", "learning_rate", "images_per_second", "test_accuracy"} <= set(scalars)
+
+
+def test_settings_that_differ_beyond_the_seed_are_never_averaged():
+    import pandas as pd
+
+    done = pd.DataFrame(
+        dict(arch="efficientnet_cifar", setting=["w=1.1", "w=1.1", "w=1.2"], seed=[0, 1, 0],
+             params=[10, 10, 12], flops=[1e6] * 3, train_accuracy=[0.5, 0.7, 0.9],
+             test_accuracy=[0.4, 0.6, 0.8], generalization_gap=[0.1] * 3,
+             wall_seconds=[1.0] * 3, images_per_second=[9.0] * 3)
+    )  # fmt: skip
+    table = report.summary_table(done)
+    assert list(table.setting) == ["w=1.1", "w=1.2"]  # shown: the arch alone does not tell
+    assert list(table.seeds) == [2, 1] and list(table["test acc"]) == pytest.approx([0.5, 0.8])
+
+
+def test_partial_and_colliding_directories(synthetic_sweep, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(synthetic_sweep, copy)
+    (copy / "name=wrn10_1" / "summary.json").unlink()  # indexed as done, summary lost
+    df = results.load(copy)
+    assert df.set_index("trial").status["name=wrn10_1"] == "no summary.json"
+    text = report.write([copy]).read_text()
+    assert "6 trials: 3 done, 1 no summary.json, 1 running, 1 pending." in text
+    assert "- `name=wrn10_1` no summary.json" in text
+    with pytest.raises(ScalingError, match="trial names repeat across the directories"):
+        report.write([synthetic_sweep, copy], tmp_path / "both")
