@@ -285,6 +285,8 @@ def markdown_table(df: pd.DataFrame) -> str:
     def cell(v):
         if isinstance(v, int | np.integer):
             return f"{v:,}"
+        if isinstance(v, float) and v.is_integer() and abs(v) >= 1000:  # counts, e.g. examples
+            return f"{int(v):,}"
         if isinstance(v, float):
             return "" if np.isnan(v) else f"{v:.4g}"
         return str(v)
