@@ -1,7 +1,8 @@
 #!/bin/sh
 # Study 2, conv vs attention data efficiency on nested CIFAR-10 subsets, then its report in
 # results/conv_vs_attention/. The CPU budget (32x32, ~0.7M-parameter models, 300 steps of 64,
-# 4 subset sizes, 2 seeds) is sized for under an hour on 2 cores; on an accelerator raise it,
+# 4 subset sizes, 2 seeds) took 67 minutes on 2 cores (shared with other work for 23 of them);
+# on an accelerator raise it,
 # e.g. BUDGET=steps=20000,batch_size=128,sizes=2500+5000+10000+25000+50000,params=1200000,seeds=3
 set -e
 SCALING=${SCALING:-.venv/bin/scaling}
