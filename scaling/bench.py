@@ -173,11 +173,10 @@ def load_twins():
     return twins
 
 
-def torch_runners(name, batch, image_size, steps, params):
+def torch_runners(twins, name, batch, image_size, steps, params):
     """The PyTorch twin's train and eval runners, after checking its parameter count."""
     import torch
 
-    twins = load_twins()
     model = twins.build(name, num_classes=10)
     if (count := twins.count_params(model)) != params:
         raise ScalingError(f"the PyTorch twin of {name} has {count} parameters, JAX {params}")
@@ -215,10 +214,11 @@ def bench(names, *, batch=128, image_size=32, steps=3, windows=5, dtype=None, co
         raise ScalingError("--compare torch times the PyTorch twins on the CPU: run it there")
     if batch % jax.device_count():
         raise ScalingError(f"--batch {batch} is not divisible by {jax.device_count()} devices")
+    twins = load_twins() if compare else None
     for name in names:  # bad names fail before any timing
         registry_name, settings = spec(name)
         models.abstract(registry_name, image_size=image_size, **settings)
-        if compare and name not in load_twins().TWINS:
+        if compare and name not in twins.TWINS:
             raise ScalingError(f"no PyTorch twin of {name}; twins: {', '.join(MODELS)}")
     device = jax.devices()[0]
     peak = measured_peak(train.DTYPES[dtype])
@@ -238,7 +238,9 @@ def bench(names, *, batch=128, image_size=32, steps=3, windows=5, dtype=None, co
         facts, jax_train, jax_eval = jax_runners(name, batch, image_size, steps, dtype)
         runners = {"jax_train": jax_train, "jax_eval": jax_eval}
         if compare:
-            torch_train, torch_eval = torch_runners(name, batch, image_size, steps, facts["params"])
+            torch_train, torch_eval = torch_runners(
+                twins, name, batch, image_size, steps, facts["params"]
+            )
             runners |= {"torch_train": torch_train, "torch_eval": torch_eval}
         seconds = windows_of(runners, windows)
         rates = {f"{k}_images_per_second": batch * steps / statistics.median(v)
