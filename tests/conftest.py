@@ -34,9 +34,11 @@ def tiny_config():
     return make
 
 
-def run_python(code, *, devices=1, timeout=300):
-    """Run `code` in a fresh interpreter with `devices` simulated CPU devices; return stdout."""
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+def run_python(code, *, devices=1, xla_flags="", timeout=300):
+    """Run `code` in a fresh interpreter with `devices` simulated CPU devices and any further
+    `xla_flags`; return stdout."""
+    flags = f"--xla_force_host_platform_device_count={devices} {xla_flags}".strip()
+    env = dict(os.environ, XLA_FLAGS=flags)
     out = subprocess.run(
         [sys.executable, "-c", code],
         env=env,
