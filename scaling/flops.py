@@ -9,12 +9,26 @@ Two conventions, because they differ (see `shared/notes/flops-counting.md`):
 (the measure of Dollar et al., "Fast and Accurate Model Scaling", 2021).
 """
 
+import contextlib
 import math
 
 import jax
 import jax.extend
 import jax.numpy as jnp
 from flax import nnx
+
+
+@contextlib.contextmanager
+def _counted_form(model):
+    """`model` as its operations are counted. XLA's cost analysis counts the body of a loop once,
+    so layers stacked with a scan (ViT's encoder) are unrolled: models that scan expose the
+    attribute `unroll_scan`. Convolutions that run as other operations to be faster on CPU
+    (EfficientNet's depthwise ones) are counted as the convolutions they are: `count_as_conv`."""
+    model.set_attributes(unroll_scan=True, count_as_conv=True, raise_if_not_found=False)
+    try:
+        yield
+    finally:
+        model.set_attributes(unroll_scan=False, count_as_conv=False, raise_if_not_found=False)
 
 
 def _forward(model, image_size, in_channels=3):
@@ -26,14 +40,9 @@ def _forward(model, image_size, in_channels=3):
 
 
 def xla_flops(model, image_size):
-    # XLA's cost analysis counts the body of a loop once, so layers stacked with a scan (ViT's
-    # encoder) are lowered unrolled here: models that scan expose the attribute `unroll_scan`.
-    model.set_attributes(unroll_scan=True, raise_if_not_found=False)
-    try:
+    with _counted_form(model):
         fn, args = _forward(model, image_size)
         cost = jax.jit(fn).lower(*args).cost_analysis()
-    finally:
-        model.set_attributes(unroll_scan=False, raise_if_not_found=False)
     cost = cost[0] if isinstance(cost, list) else cost
     return int(cost["flops"])
 
@@ -62,5 +71,6 @@ def _count(jaxpr, multiplier=1):
 
 
 def macs_and_activations(model, image_size):
-    fn, args = _forward(model, image_size)
-    return _count(jax.make_jaxpr(fn)(*args).jaxpr)
+    with _counted_form(model):
+        fn, args = _forward(model, image_size)
+        return _count(jax.make_jaxpr(fn)(*args).jaxpr)

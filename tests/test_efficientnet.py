@@ -210,9 +210,9 @@ def test_stochastic_depth_only_in_training():
 
 
 @pytest.mark.parametrize("size,kernel,stride", [(9, 3, 1), (10, 5, 2)])
-def test_depthwise_gradients_match_xla_convolution(size, kernel, stride):
-    # Training differentiates the shifted-slice form; it must be the same function as XLA's
-    # grouped convolution (odd sizes and stride 2 check the 'SAME' padding).
+def test_depthwise_shift_form_is_xla_convolution(size, kernel, stride):
+    # The shifted-slice form must be the same function as XLA's grouped convolution, values and
+    # gradients (odd sizes and stride 2 check the 'SAME' padding).
     x = jax.random.normal(jax.random.key(0), (2, size, size, 8))
     w = jax.random.normal(jax.random.key(1), (kernel, kernel, 1, 8))
 
@@ -223,14 +223,24 @@ def test_depthwise_gradients_match_xla_convolution(size, kernel, stride):
 
     (y1, g1), (y2, g2) = (
         loss(efficientnet._depthwise_xla)(x, w),
-        loss(efficientnet.depthwise_conv)(x, w),
+        loss(efficientnet._depthwise_shift)(x, w),
     )
     assert float(y1) == pytest.approx(float(y2), rel=1e-5)
     for a, b in zip(g1, g2, strict=True):
         assert jnp.allclose(a, b, atol=1e-4)
-    # Evaluated (not differentiated), it is one XLA convolution, so FLOP counts see it.
-    jaxpr = jax.make_jaxpr(lambda x, w: efficientnet.depthwise_conv(x, w, stride))(x, w)
-    assert "conv_general_dilated" in str(jaxpr)
+    # The FLOP counters see one convolution, every tap counted, and leave the fast form in place.
+    conv = efficientnet.DepthwiseConv(
+        3,
+        kernel,
+        stride,
+        impl="shift",
+        kernel_init=efficientnet.depthwise_init,
+        dtype=None,
+        rngs=nnx.Rngs(0),
+    )
+    out = -(-size // stride)
+    assert flops.macs_and_activations(conv, size) == (out * out * 3 * kernel**2, out * out * 3)
+    assert flops.xla_flops(conv, size) > 0 and conv.count_as_conv is False
 
 
 @pytest.mark.parametrize(

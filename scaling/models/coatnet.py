@@ -47,6 +47,7 @@ import numpy as np
 from flax import nnx
 
 from scaling import ScalingError
+from scaling.models.efficientnet import DepthwiseConv
 from scaling.models.vit import Mlp, SelfAttention
 
 # name -> (blocks per stage L, channels D) for S0..S4, Table 3 of the paper.
@@ -79,13 +80,12 @@ def _batch_norm(channels, dtype, rngs):
     return nnx.BatchNorm(channels, momentum=0.9, epsilon=1e-5, dtype=dtype, rngs=rngs)
 
 
-def _conv(cin, cout, kernel, *, rngs, dtype, stride=1, groups=1, bias=False):
+def _conv(cin, cout, kernel, *, rngs, dtype, stride=1, bias=False):
     return nnx.Conv(
         cin,
         cout,
         (kernel, kernel),
         strides=stride,
-        feature_group_count=groups,
         use_bias=bias,
         kernel_init=conv_init,
         dtype=dtype,
@@ -142,7 +142,10 @@ class MBConv(nnx.Module):
         self.norm0 = _batch_norm(cin, dtype, rngs)
         self.conv1 = _conv(cin, hidden, 1, stride=stride, dtype=dtype, rngs=rngs)
         self.norm1 = _batch_norm(hidden, dtype, rngs)
-        self.conv2 = _conv(hidden, hidden, 3, groups=hidden, dtype=dtype, rngs=rngs)
+        # EfficientNet's depthwise conv: shifted slices, 5-10x faster than XLA's on CPU.
+        self.conv2 = DepthwiseConv(
+            hidden, 3, 1, impl="shift", kernel_init=conv_init, dtype=dtype, rngs=rngs
+        )
         self.norm2 = _batch_norm(hidden, dtype, rngs)
         self.se = SqueezeExcite(hidden, max(1, int(se_ratio * cout)), dtype=dtype, rngs=rngs)
         self.conv3 = _conv(hidden, cout, 1, bias=True, dtype=dtype, rngs=rngs)
