@@ -7,10 +7,13 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from conftest import run_python
+from flax import nnx
 from jax import lax
 
-from scaling import CPU_CONVOLUTION_FLAG
+from scaling import CPU_CONVOLUTION_FLAG, flops, models
+from scaling.models import resnet
 
 
 def ynn_convolutions(compiled_text):
@@ -60,3 +63,67 @@ print(json.dumps([ynn_convolutions(conv_gradient_program()), losses]))
     # in test_train.test_one_device_equals_eight_devices.
     np.testing.assert_allclose(ours[:5], default[:5], rtol=1e-5)
     np.testing.assert_allclose(ours, default, rtol=5e-4)
+
+
+@pytest.mark.parametrize(
+    "kernel,padding", [(3, "SAME"), (1, "SAME"), (5, ((1, 3), (2, 0))), (3, "VALID")]
+)
+def test_stride1_conv_is_xlas_convolution(kernel, padding):
+    # ResNet's convolutions spell their gradient out in XLA:CPU's canonical layouts: the same
+    # function, values and gradients, for any padding.
+    x = jax.random.normal(jax.random.key(0), (3, 9, 7, 4))
+    w = jax.random.normal(jax.random.key(1), (kernel, kernel, 4, 5))
+
+    def loss(conv):
+        def f(x, w):
+            y = conv(x, w, (1, 1), padding, (1, 1), (1, 1), dimension_numbers=resnet.NHWC)
+            return jnp.sum(jnp.sin(y))
+
+        return jax.jit(jax.value_and_grad(f, (0, 1)))(x, w)
+
+    (y1, g1), (y2, g2) = loss(lax.conv_general_dilated), loss(resnet.conv_general_dilated)
+    assert float(y2) == pytest.approx(float(y1), rel=1e-5)
+    for ours, xlas in zip(g2, g1, strict=True):
+        np.testing.assert_allclose(ours, xlas, atol=1e-4)
+
+
+def sgd_step(model, x):
+    """One plain SGD step of a training-mode loss, in place; returns the loss."""
+
+    def loss(model):
+        return jnp.mean(model(x) ** 2)
+
+    value, grads = nnx.value_and_grad(loss)(model)
+    nnx.update(model, jax.tree.map(lambda p, g: p - 0.1 * g, nnx.state(model, nnx.Param), grads))
+    return value
+
+
+def weights(model):
+    return nnx.state(model, nnx.Param, nnx.BatchStat)
+
+
+def test_scanned_resnet_is_the_unrolled_one():
+    scanned = models.create("resnet20", num_classes=10, seed=0)
+    plain = models.create("resnet20", num_classes=10, seed=0, scan=False)
+    # Stages of three blocks: the first, then a Stack of two scanned ones.
+    assert [type(b).__name__ for b in scanned.blocks].count("Stack") == 3
+    assert len(plain.blocks) == 9 and models.count_params(scanned) == 269_722
+    # Same initial weights, step and running statistics.
+    same = lambda a, b: jax.tree.map(  # noqa: E731
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), a, b
+    )
+    same(weights(resnet.unrolled(scanned)), weights(plain))
+    x = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
+    assert float(sgd_step(scanned, x)) == pytest.approx(float(sgd_step(plain, x)), rel=1e-6)
+    same(weights(resnet.unrolled(scanned)), weights(plain))
+    # FLOP counters see every layer.
+    counted = models.abstract("resnet20", num_classes=10), models.abstract("resnet20", scan=False)
+    assert flops.macs_and_activations(counted[0], 32) == flops.macs_and_activations(counted[1], 32)
+    assert flops.xla_flops(counted[0], 32) == pytest.approx(flops.xla_flops(counted[1], 32), 1e-3)
+
+
+def test_resnet_scans_only_dropout_free_runs_of_blocks():
+    count = lambda model: [type(b).__name__ for b in model.blocks].count("Stack")  # noqa: E731
+    assert count(models.abstract("wrn16_4")) == 0  # two blocks a stage: nothing to scan
+    assert count(models.abstract("wrn22_4")) == 3
+    assert count(models.abstract("wrn22_4", block_dropout=0.3)) == 0

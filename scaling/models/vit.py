@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from scaling import ScalingError
+from scaling.models.stack import unstack
 
 # name -> (width, depth, MLP width, heads), Table 1 of the paper; Ti and S from DeiT.
 SIZES = {
@@ -294,10 +295,7 @@ def unrolled(model: ViT) -> ViT:
     new = nnx.clone(model)
     encoder = new.encoder
     if encoder.scan:
-        graphdef, state = nnx.split(encoder.blocks)
-        depth = jax.tree.leaves(state)[0].shape[0]
-        layer = lambda i: nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))  # noqa: E731
-        encoder.blocks = nnx.List([layer(i) for i in range(depth)])
+        encoder.blocks = nnx.List(unstack(encoder.blocks))
         encoder.scan = False
     return new
 
