@@ -8,9 +8,11 @@ Per model: compile seconds, training and evaluation images/second (the median of
 timed windows of `--steps` steps each, after a warm-up, with the device synchronised at the end
 of every window), peak memory, FLOPs of one training step by XLA's cost analysis, the FLOP/s
 that makes, and the utilisation against this machine's measured peak (a large matmul timed
-the same way) and, on accelerators, the chip's datasheet peak. With `--compare torch` the
-PyTorch twins in benchmarks/torch_twins.py (same layers, same parameter count, checked) are
-timed in the same process, window by window in turn with the JAX model, on the CPU.
+the same way) and, on accelerators, the chip's datasheet peak; also the images/second of the
+training input pipeline alone, and that as a multiple of what the training step consumes.
+With `--compare torch` the PyTorch twins in benchmarks/torch_twins.py (same layers, same
+parameter count, checked) are timed in the same process, window by window in turn with the JAX
+model, on the CPU.
 """
 
 import contextlib
@@ -26,7 +28,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from scaling import ScalingError, models, train
+from scaling import ScalingError, data, models, train
 from scaling.config import load_config
 
 # The standard benchmark: one model per family at CIFAR size, the twins' shapes.
@@ -95,7 +97,8 @@ def measured_peak(dtype, windows=5) -> float:
 
 
 def jax_runners(name, batch, image_size, steps, dtype):
-    """Compile one model's train and eval steps; returns (facts, train runner, eval runner)."""
+    """Compile one model's train and eval steps; returns (facts, and runners of the training
+    step, the evaluation step and the training input pipeline)."""
     registry_name, settings = spec(name)
     arg = f"model={registry_name},image_size={image_size},batch_size={batch},steps=1000"
     config = load_config(f"{TRAIN_CONFIG}:{arg}")
@@ -132,13 +135,32 @@ def jax_runners(name, batch, image_size, steps, dtype):
         jax.block_until_ready([eval_step(box["state"], x, y, mask) for _ in range(steps)])
 
     run_train(), run_eval()  # warm-up: first-call allocations, thread pools
+    run_input = input_runner(batch, image_size, steps, program.batch_sharding)
     facts = dict(
         params=models.count_params(program.abstract_model),
         compile_seconds=compile_seconds,
         flops_per_step=train_step_flops(config, model_settings, program.state, x, y),
         peak_memory_bytes=peak_bytes,
     )
-    return facts, run_train, run_eval
+    return facts, run_train, run_eval, run_input
+
+
+def input_runner(batch, image_size, steps, sharding):
+    """The training input pipeline alone (`train.train_batch`): `steps` batches from an in-memory
+    set of CIFAR-10's 50,000 training images (fewer at sizes where they would pass 512 MiB)."""
+    count = min(50_000, max(4 * batch, 2**29 // (3 * image_size**2)))
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (count, image_size, image_size, 3), np.uint8)
+    ds = data.Dataset("bench", images, rng.integers(0, 10, count, np.int32), None, None, ())
+    box = {"step": 0}
+
+    def run_input():
+        for _ in range(steps):
+            jax.block_until_ready(train.train_batch(ds, box["step"], batch, 0, sharding))
+            box["step"] += 1
+
+    run_input()
+    return run_input
 
 
 def train_step_flops(config, model_settings, state, x, y) -> float:
@@ -235,8 +257,8 @@ def bench(names, *, batch=128, image_size=32, steps=3, windows=5, dtype=None, co
     echo(f"{device.device_kind} ({jax.default_backend()}), {dtype}: peak {peak / 1e9:.1f} GFLOP/s")
     records = []
     for name in names:
-        facts, jax_train, jax_eval = jax_runners(name, batch, image_size, steps, dtype)
-        runners = {"jax_train": jax_train, "jax_eval": jax_eval}
+        facts, jax_train, jax_eval, jax_input = jax_runners(name, batch, image_size, steps, dtype)
+        runners = {"jax_train": jax_train, "jax_eval": jax_eval, "input": jax_input}
         if compare:
             torch_train, torch_eval = torch_runners(
                 twins, name, batch, image_size, steps, facts["params"]
@@ -248,6 +270,9 @@ def bench(names, *, batch=128, image_size=32, steps=3, windows=5, dtype=None, co
         record = dict(model=name, batch=batch, image_size=image_size, **facts, **rates)
         achieved = facts["flops_per_step"] * rates["jax_train_images_per_second"] / batch
         record |= dict(achieved_flops=achieved, utilisation=achieved / peak)
+        record["input_over_train"] = (
+            rates["input_images_per_second"] / rates["jax_train_images_per_second"]
+        )
         if machine["datasheet_peak_flops"] and dtype == "bfloat16":  # the datasheet's is bf16
             record["datasheet_utilisation"] = achieved / machine["datasheet_peak_flops"]
         if compare:
@@ -265,7 +290,8 @@ def table(records) -> list[str]:
                ("jax_train_images_per_second", "{:.1f}"), ("jax_eval_images_per_second", "{:.1f}"),
                ("flops_per_step", "{:.3g}"), ("achieved_flops", "{:.3g}"),
                ("utilisation", "{:.1%}"), ("datasheet_utilisation", "{:.1%}"),
-               ("peak_memory_bytes", "{:.3g}"), ("torch_train_images_per_second", "{:.1f}"),
+               ("peak_memory_bytes", "{:.3g}"), ("input_images_per_second", "{:.0f}"),
+               ("input_over_train", "{:.0f}x"), ("torch_train_images_per_second", "{:.1f}"),
                ("torch_eval_images_per_second", "{:.1f}"),
                ("jax_over_torch", "{:.2f}")]  # fmt: skip
     present = [(c, f) for c, f in columns if any(r.get(c) is not None for r in records)]

@@ -255,6 +255,14 @@ def to_global(arrays, sharding):
     return tuple(jax.make_array_from_process_local_data(sharding, a) for a in arrays)
 
 
+def train_batch(ds, step, batch_size, seed, sharding):
+    """Global training batch `step`, sharded along the batch: each host gathers its share from
+    its in-memory copy of the training set (augmentation then runs on the devices, in the step).
+    `scaling bench` times this against the training step it feeds."""
+    idx = host_slice(batch_indices(step, len(ds.train_labels), batch_size, seed))
+    return to_global((ds.train_images[idx], ds.train_labels[idx]), sharding)
+
+
 def write_json_atomic(path, obj):
     tmp = Path(f"{path}.tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
@@ -456,8 +464,7 @@ def train(config: ml_collections.ConfigDict, workdir, *, overwrite=False, stop_a
     # closing: async checkpoint writes finish before the run returns or raises (Diverged).
     with stop_on_sigterm() as preempted, contextlib.closing(checkpoints):
         for step in range(start, end):
-            idx = host_slice(batch_indices(step, n_train, config.batch_size, config.seed))
-            batch = to_global((ds.train_images[idx], ds.train_labels[idx]), batch_sharding)
+            batch = train_batch(ds, step, config.batch_size, config.seed, batch_sharding)
             state = train_step(state, *batch)
             done = step + 1
             if done % config.log_every == 0 or done == total_steps:

@@ -20,6 +20,9 @@ def test_bench_records_every_measure(tmp_path):
     forward = 8 * flops.xla_flops(timed, 8)
     assert 2 * forward < record["flops_per_step"] < 5 * forward
     assert record["jax_train_images_per_second"] > 0 and record["jax_eval_images_per_second"] > 0
+    assert record["input_over_train"] == pytest.approx(
+        record["input_images_per_second"] / record["jax_train_images_per_second"]
+    )
     assert record["achieved_flops"] == pytest.approx(
         record["flops_per_step"] * record["jax_train_images_per_second"] / 8
     )
