@@ -162,7 +162,8 @@ def test_resnet_scales_through_the_helper():
     deep = models.abstract("resnet20", depth_multiplier=1.2, scan=False)  # ceil(3 * 1.2) = 4
     assert len(deep.blocks) == 12
     assert len(models.abstract("wrn16_2", depth_multiplier=2, scan=False).blocks) == 12
-    wide = models.abstract("resnet20", width_multiplier=1.1, scan=False)  # 16 -> 16, 64 -> 70.4 -> 72
+    # Widths: 16 -> 16, 64 -> 70.4 -> 72.
+    wide = models.abstract("resnet20", width_multiplier=1.1, scan=False)
     assert wide.stem.out_features == 16 and wide.blocks[-1].conv2.out_features == 72
     narrow = models.abstract("resnet20", width_multiplier=0.25)  # 16 -> 4 -> at least 8
     assert narrow.stem.out_features == 8
