@@ -217,11 +217,18 @@ def evaluate(eval_step, state, images, labels, *, batch_size, sharding):
 
 def restore_latest(checkpoints, state):
     """The newest readable checkpoint (or `state` when there is none). An unreadable one (a
-    truncated or corrupted file) is reported, deleted and the previous one tried."""
+    truncated or corrupted file) is reported, deleted and the previous one tried. One that holds
+    a state of another structure is refused and kept: deleting it would lose the run."""
     for step in sorted(checkpoints.all_steps(), reverse=True):
         try:
             return checkpoints.restore(step, args=ocp.args.StandardRestore(state))
         except Exception as e:  # orbax and tensorstore raise many kinds for a damaged file
+            if "tree structures do not match" in str(e):
+                raise ScalingError(
+                    f"checkpoint {step} in {checkpoints.directory} holds another model state "
+                    "than this config builds (ResNets checkpointed before their blocks were "
+                    "scanned resume with model.scan=False); it is kept"
+                ) from e
             reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
             print(
                 f"checkpoint {step} is unreadable ({reason}); deleting it and falling back",

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from scaling import Diverged, ScalingError, models, sweep
 from scaling.config import load_config
+from scaling.models import resnet
 from scaling.train import read_metrics, train
 
 SPEC = f"{TRAIN_CONFIG}:model=resnet8,image_size=8,steps=24,batch_size=32"
@@ -120,6 +121,19 @@ def test_damaged_checkpoint_falls_back(tmp_path, uninterrupted, capsys):
     same_run(workdir, uninterrupted)
 
 
+def test_checkpoint_of_another_structure_is_refused_and_kept(tmp_path, monkeypatch):
+    # An unrolled ResNet's checkpoint (as written before ResNets scanned their blocks) does not
+    # fit the scanned model the same config now builds: refused, never deleted as "unreadable".
+    config = load_config(f"{TRAIN_CONFIG}:model=resnet20,image_size=8,steps=6,batch_size=32")
+    config.checkpoint_every = 3
+    monkeypatch.setitem(resnet.ResNet.__init__.__kwdefaults__, "scan", False)
+    train(config, tmp_path, stop_after=3)
+    monkeypatch.undo()
+    with pytest.raises(ScalingError, match="checkpoint 3 .* model.scan=False"):
+        train(config, tmp_path)
+    assert "3" in {p.name for p in checkpoint_dirs(tmp_path)}
+
+
 def test_partial_metrics_line_is_ignored(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
@@ -146,6 +160,7 @@ def test_batch_not_divisible_by_devices():
     code = f"""
 from scaling import ScalingError
 from scaling.config import load_config
+from scaling.models import resnet
 from scaling.train import train
 config = load_config('{SPEC}'.replace('batch_size=32', 'batch_size=30'))
 try:
