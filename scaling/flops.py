@@ -21,7 +21,7 @@ from flax import nnx
 @contextlib.contextmanager
 def _counted_form(model):
     """`model` as its operations are counted. XLA's cost analysis counts the body of a loop once,
-    so layers stacked with a scan (ViT's encoder) are unrolled: models that scan expose the
+    so layers stacked with a scan (ViT's encoder, ResNet's stages) are unrolled: those expose the
     attribute `unroll_scan`. Convolutions that run as other operations to be faster on CPU
     (EfficientNet's depthwise ones) are counted as the convolutions they are: `count_as_conv`."""
     model.set_attributes(unroll_scan=True, count_as_conv=True, raise_if_not_found=False)
