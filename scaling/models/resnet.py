@@ -101,7 +101,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_di
     25 -> 52 with its blocks scanned)."""
     dims = lax.conv_dimension_numbers(lhs.shape, rhs.shape, kw.get("dimension_numbers"))
     plain = (
-        dims == lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC)
+        jax.default_backend() == "cpu"  # GPUs and TPUs lay convolutions out well themselves
+        and dims == lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC)
         and all(tuple(s) == (1, 1) for s in (window_strides, lhs_dilation, rhs_dilation))
         and kw.get("feature_group_count", 1) == 1
         and all(kw.get(k) is None for k in ("precision", "preferred_element_type", "out_sharding"))
