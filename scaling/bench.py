@@ -16,6 +16,7 @@ model, on the CPU.
 """
 
 import contextlib
+import functools
 import importlib.util
 import json
 import platform
@@ -148,11 +149,7 @@ def jax_runners(name, batch, image_size, steps, dtype):
 def input_runner(batch, image_size, steps, sharding):
     """The training input pipeline alone (`train.train_batch`): `steps` batches from an in-memory
     set of CIFAR-10's 50,000 training images (fewer at sizes where they would pass 512 MiB)."""
-    count = min(50_000, max(4 * batch, 2**29 // (3 * image_size**2)))
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (count, image_size, image_size, 3), np.uint8)
-    ds = data.Dataset("bench", images, rng.integers(0, 10, count, np.int32), None, None, ())
-    box = {"step": 0}
+    ds, box = input_dataset(batch, image_size), {"step": 0}
 
     def run_input():
         for _ in range(steps):
@@ -161,6 +158,14 @@ def input_runner(batch, image_size, steps, sharding):
 
     run_input()
     return run_input
+
+
+@functools.lru_cache(maxsize=1)  # the same for every model of a run: made once
+def input_dataset(batch, image_size):
+    count = min(50_000, max(4 * batch, 2**29 // (3 * image_size**2)))
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (count, image_size, image_size, 3), np.uint8)
+    return data.Dataset("bench", images, rng.integers(0, 10, count, np.int32), None, None, ())
 
 
 def train_step_flops(config, model_settings, state, x, y) -> float:

@@ -5,8 +5,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 
-def _apply_block(block, x):
+def apply_block(block, x):
     return block(x)
+
+
+def scan_blocks(apply, blocks, x, unroll=False):
+    """`apply(block, x)` for each block of `blocks` (state stacked on a leading axis) in turn,
+    by `nnx.scan` with `x` as the carry; `unroll` lowers the loop unrolled (for FLOP counts)."""
+    scan = nnx.scan(apply, in_axes=(0, nnx.Carry), out_axes=nnx.Carry, unroll=unroll or 1)
+    return scan(blocks, x)
 
 
 class Stack(nnx.Module):
@@ -25,10 +32,7 @@ class Stack(nnx.Module):
         self.unroll_scan = False
 
     def __call__(self, x):
-        scan = nnx.scan(
-            _apply_block, in_axes=(0, nnx.Carry), out_axes=nnx.Carry, unroll=self.unroll_scan or 1
-        )
-        return scan(self.blocks, x)
+        return scan_blocks(apply_block, self.blocks, x, self.unroll_scan)
 
 
 def unstack(stacked) -> list:

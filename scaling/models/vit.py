@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from scaling import ScalingError
-from scaling.models.stack import unstack
+from scaling.models.stack import apply_block, scan_blocks, unstack
 
 # name -> (width, depth, MLP width, heads), Table 1 of the paper; Ti and S from DeiT.
 SIZES = {
@@ -106,10 +106,6 @@ class EncoderBlock(nnx.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
-def _apply_block(block, x):
-    return block(x)
-
-
 class Encoder(nnx.Module):
     """`depth` identical encoder blocks: stacked and scanned, or unrolled.
 
@@ -137,12 +133,9 @@ class Encoder(nnx.Module):
             )
 
     def __call__(self, x):
-        apply = nnx.remat(_apply_block) if self.remat else _apply_block
+        apply = nnx.remat(apply_block) if self.remat else apply_block
         if self.scan:
-            scan = nnx.scan(
-                apply, in_axes=(0, nnx.Carry), out_axes=nnx.Carry, unroll=self.unroll_scan or 1
-            )
-            return scan(self.blocks, x)
+            return scan_blocks(apply, self.blocks, x, self.unroll_scan)
         for block in self.blocks:
             x = apply(block, x)
         return x
