@@ -45,6 +45,9 @@ def get_config(arg=None):
     c.train_examples = config_dict.placeholder(int)  # absolute subset size; wins over the fraction
     c.data_seed = 0  # subset and carved held-out split; fixed so that model seeds share the data
     c.holdout_fraction = 0.2  # test split carved from train when a dataset has none
+    # Decode images from disk as training goes (folder:DIR or tfds:NAME), for data larger than
+    # host memory; the same batches as in memory. False decodes all at load.
+    c.stream = False
     # none | crop | flip | crop_flip (pad-4 random crop, mirror), on device. Digits are not
     # mirror-symmetric (a flipped 2 is no 2), so they are only cropped.
     c.augment = "crop" if c.dataset == "digits" else "crop_flip"

@@ -9,7 +9,8 @@ timed windows of `--steps` steps each, after a warm-up, with the device synchron
 of every window), peak memory, FLOPs of one training step by XLA's cost analysis, the FLOP/s
 that makes, and the utilisation against this machine's measured peak (a large matmul timed
 the same way) and, on accelerators, the chip's datasheet peak; also the images/second of the
-training input pipeline alone, and that as a multiple of what the training step consumes.
+training input pipeline alone (in memory, or `--stream SOURCE` decoded from disk as
+`config.stream` training reads it), and that as a multiple of what the training step consumes.
 With `--compare torch` the PyTorch twins in benchmarks/torch_twins.py (same layers, same
 parameter count, checked) are timed in the same process, window by window in turn with the JAX
 model, on the CPU.
@@ -97,7 +98,7 @@ def measured_peak(dtype, windows=5) -> float:
     return 2 * n**3 * reps / statistics.median(seconds["mm"])
 
 
-def jax_runners(name, batch, image_size, steps, dtype):
+def jax_runners(name, batch, image_size, steps, dtype, stream=None):
     """Compile one model's train and eval steps; returns (facts, and runners of the training
     step, the evaluation step and the training input pipeline)."""
     registry_name, settings = spec(name)
@@ -136,7 +137,7 @@ def jax_runners(name, batch, image_size, steps, dtype):
         jax.block_until_ready([eval_step(box["state"], x, y, mask) for _ in range(steps)])
 
     run_train(), run_eval()  # warm-up: first-call allocations, thread pools
-    run_input = input_runner(batch, image_size, steps, program.batch_sharding)
+    run_input = input_runner(batch, image_size, steps, program.batch_sharding, stream)
     facts = dict(
         params=models.count_params(program.abstract_model),
         compile_seconds=compile_seconds,
@@ -146,22 +147,28 @@ def jax_runners(name, batch, image_size, steps, dtype):
     return facts, run_train, run_eval, run_input
 
 
-def input_runner(batch, image_size, steps, sharding):
-    """The training input pipeline alone (`train.train_batch`): `steps` batches from an in-memory
-    set of CIFAR-10's 50,000 training images (fewer at sizes where they would pass 512 MiB)."""
-    ds, box = input_dataset(batch, image_size), {"step": 0}
+def input_runner(batch, image_size, steps, sharding, stream=None):
+    """The training input pipeline alone (`train.train_batches`): `steps` batches from an
+    in-memory set of CIFAR-10's 50,000 training images (fewer at sizes where they would pass
+    512 MiB), or decoded from the `stream` source as `config.stream` training reads it."""
+    ds, box = input_dataset(batch, image_size, stream), {"step": 0}
 
     def run_input():
-        for _ in range(steps):
-            jax.block_until_ready(train.train_batch(ds, box["step"], batch, 0, sharding))
-            box["step"] += 1
+        start, box["step"] = box["step"], box["step"] + steps
+        for batch_arrays in train.train_batches(ds, start, start + steps, batch, 0):
+            jax.block_until_ready(train.to_global(batch_arrays, sharding))
 
     run_input()
     return run_input
 
 
 @functools.lru_cache(maxsize=1)  # the same for every model of a run: made once
-def input_dataset(batch, image_size):
+def input_dataset(batch, image_size, stream=None):
+    if stream:
+        ds = data.open_stream(stream, image_size)
+        if len(ds.train_labels) < batch:
+            raise ScalingError(f"--stream {stream} has fewer than {batch} training images")
+        return ds
     count = min(50_000, max(4 * batch, 2**29 // (3 * image_size**2)))
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (count, image_size, image_size, 3), np.uint8)
@@ -234,7 +241,7 @@ def torch_runners(twins, name, batch, image_size, steps, params):
 
 
 def bench(names, *, batch=128, image_size=32, steps=3, windows=5, dtype=None, compare=None,
-          echo=print):  # fmt: skip
+          stream=None, echo=print):  # fmt: skip
     """One record per model (see the module docstring); also the machine's facts."""
     dtype = dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
     if compare and jax.default_backend() != "cpu":
@@ -247,6 +254,8 @@ def bench(names, *, batch=128, image_size=32, steps=3, windows=5, dtype=None, co
         models.abstract(registry_name, image_size=image_size, **settings)
         if compare and name not in twins.TWINS:
             raise ScalingError(f"no PyTorch twin of {name}; twins: {', '.join(MODELS)}")
+    if stream:
+        input_dataset(batch, image_size, stream)  # a bad source fails before any timing too
     device = jax.devices()[0]
     peak = measured_peak(train.DTYPES[dtype])
     machine = dict(
@@ -254,6 +263,7 @@ def bench(names, *, batch=128, image_size=32, steps=3, windows=5, dtype=None, co
         processor=processor(), python=sys.version.split()[0],
         jax=jax.__version__, dtype=dtype, measured_peak_flops=peak,
         datasheet_peak_flops=DATASHEET_PEAK.get(device.device_kind),
+        input=f"streamed from {stream}" if stream else "in memory",
     )  # fmt: skip
     if compare:
         import torch
@@ -262,7 +272,9 @@ def bench(names, *, batch=128, image_size=32, steps=3, windows=5, dtype=None, co
     echo(f"{device.device_kind} ({jax.default_backend()}), {dtype}: peak {peak / 1e9:.1f} GFLOP/s")
     records = []
     for name in names:
-        facts, jax_train, jax_eval, jax_input = jax_runners(name, batch, image_size, steps, dtype)
+        facts, jax_train, jax_eval, jax_input = jax_runners(
+            name, batch, image_size, steps, dtype, stream
+        )
         runners = {"jax_train": jax_train, "jax_eval": jax_eval, "input": jax_input}
         if compare:
             torch_train, torch_eval = torch_runners(
@@ -316,6 +328,7 @@ def write(result, out: Path, command: str):
     lines = [f"# Benchmark: {m['device']}", "", f"    {command}", "",
              f"{m['device']} ({m['processor']}, {m['devices']} device(s)), {m['dtype']}, "
              f"jax {m['jax']}" + (f", torch {m['torch']}" if "torch" in m else "") +
-             f"; measured matmul peak {m['measured_peak_flops'] / 1e9:.1f} GFLOP/s.", "",
+             f"; measured matmul peak {m['measured_peak_flops'] / 1e9:.1f} GFLOP/s; "
+             f"input pipeline {m.get('input', 'in memory')}.", "",
              *table(result["records"]), ""]  # fmt: skip
     (out / "README.md").write_text("\n".join(lines))

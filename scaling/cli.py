@@ -4,7 +4,8 @@ scaling info MODEL [--image-size S] [--set KEY=VALUE ...]
 scaling train --config configs/train.py[:arg] [--config.KEY=VALUE ...] --workdir DIR
 scaling sweep --config configs/STUDY.py[:arg] --workdir DIR [--dry-run] [--parallel N]
 scaling report DIR [DIR ...] [--out OUT] [--notes NOTES.md]
-scaling bench [--models M ...] [--batch B] [--image-size S] [--steps N] [--compare torch]
+scaling bench [--models M ...] [--batch B] [--image-size S] [--steps N]
+              [--compare torch] [--stream SOURCE]
 scaling launch tpu|skypilot --config configs/STUDY.py --name N --zone Z --accelerator v4-8 ...
 """
 
@@ -144,7 +145,7 @@ def bench(args):
             raise ScalingError(f"{name} must be positive, got {value}")
     result = benchmarks.bench(
         args.models, batch=args.batch, image_size=args.image_size, steps=args.steps,
-        windows=args.windows, dtype=args.dtype, compare=args.compare,
+        windows=args.windows, dtype=args.dtype, compare=args.compare, stream=args.stream,
     )  # fmt: skip
     print("\n".join(benchmarks.table(result["records"])))
     if args.out:
@@ -234,6 +235,8 @@ def build_parser():
     p.add_argument("--dtype", choices=["float32", "bfloat16"],
                    help="default: float32 on CPU, bfloat16 on accelerators")  # fmt: skip
     p.add_argument("--compare", choices=["torch"], help="time the PyTorch twins alongside")
+    p.add_argument("--stream", metavar="SOURCE", help="time the input pipeline decoding "
+                   "folder:DIR or tfds:NAME from disk, not in memory")  # fmt: skip
     p.add_argument("--out", help="directory for bench.json and README.md (the table)")
 
     p = sub.add_parser(

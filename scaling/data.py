@@ -38,6 +38,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import heapq
 import io
@@ -48,6 +49,7 @@ import pathlib
 import tarfile
 import tempfile
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image
@@ -81,6 +83,55 @@ class Dataset:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    @property
+    def train(self) -> Examples:
+        return Examples(self.train_images.__getitem__, np.arange(len(self.train_labels)),
+                        self.train_labels)  # fmt: skip
+
+    @property
+    def test(self) -> Examples:
+        return Examples(self.test_images.__getitem__, np.arange(len(self.test_labels)),
+                        self.test_labels)  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Examples:
+    """One split with random access, the form grain reads: item i is (uint8 image, label)."""
+
+    read: Callable[[int], np.ndarray]  # record number -> image (S, S, 3)
+    records: np.ndarray  # the record number of each example, in order
+    labels: np.ndarray  # int32, one per example
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.int32]:
+        return self.read(int(self.records[i])), self.labels[i]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Stream:
+    """A source read from disk as training goes, for data larger than host memory: the same
+    examples, in the same order, as `load` gives, decoded on demand (see `open_stream`)."""
+
+    source: str
+    image_size: int
+    train: Examples
+    test: Examples
+    class_names: tuple[str, ...]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def train_labels(self) -> np.ndarray:
+        return self.train.labels
+
+    @property
+    def test_labels(self) -> np.ndarray:
+        return self.test.labels
+
 
 def load(
     source: str,
@@ -94,16 +145,7 @@ def load(
     synthetic_classes: int = 10,
 ) -> Dataset:
     """Load `source` at `image_size` pixels, carve a test split if needed, subsample train."""
-    if not isinstance(image_size, int) or image_size < 1:
-        raise ScalingError(f"image_size must be a positive integer, got {image_size!r}")
-    if not 0 < holdout_fraction < 1:
-        raise ScalingError(f"holdout_fraction must be in (0, 1), got {holdout_fraction!r}")
-    if not 0 < data_fraction <= 1:
-        raise ScalingError(f"data_fraction must be in (0, 1], got {data_fraction!r}")
-    if train_examples is not None and data_fraction != 1:
-        raise ScalingError("give train_examples or data_fraction, not both")
-    if train_examples is not None and train_examples < 1:
-        raise ScalingError(f"train_examples must be at least 1, got {train_examples!r}")
+    _check_settings(image_size, train_examples, data_fraction, holdout_fraction)
 
     kind, _, argument = source.partition(":")
     if source == "digits":
@@ -116,17 +158,134 @@ def load(
         train, test, class_names = _load_synthetic(image_size, synthetic_classes, seed)
     else:
         raise ScalingError(f"unknown data source {source!r}; valid forms: {SOURCES}")
-    if test is None:
-        train, test = _carve(train, holdout_fraction, seed)
+    keep, held = _choose(
+        train[1], test is None, train_examples, data_fraction, holdout_fraction, seed
+    )
+    if held is not None:
+        test = train[0][held], train[1][held]
+    return Dataset(source, train[0][keep], train[1][keep], *test, class_names)
 
-    available = len(train[1])
+
+def open_stream(
+    source: str,
+    image_size: int,
+    *,
+    train_examples: int | None = None,
+    data_fraction: float = 1.0,
+    holdout_fraction: float = 0.2,
+    seed: int = 0,
+    cache_dir: str | os.PathLike | None = None,
+) -> Stream:
+    """`load`'s examples without decoding them up front: a ``folder:DIR`` directory (not an
+    archive) or a ``tfds:NAME`` data source. Only labels are read at once; a TFDS split's labels
+    take one pass over its records, cached like folder arrays. An image that fails to decode
+    raises `ScalingError` naming it when it is read."""
+    _check_settings(image_size, train_examples, data_fraction, holdout_fraction)
+    kind, _, argument = source.partition(":")
+    if kind == "folder" and argument:
+        (read_train, train_labels), test, class_names = _folder_records(argument, image_size)
+    elif kind == "tfds" and argument:
+        (read_train, train_labels), test, class_names = _tfds_records(
+            argument, image_size, cache_dir
+        )
+    else:
+        raise ScalingError(f"streaming reads folder:DIR or tfds:NAME sources, not {source!r}")
+    keep, held = _choose(
+        train_labels, test is None, train_examples, data_fraction, holdout_fraction, seed
+    )
+    if held is not None:
+        test_split = Examples(read_train, held, train_labels[held])
+    else:
+        test_split = Examples(test[0], np.arange(len(test[1])), test[1])
+    train_split = Examples(read_train, keep, train_labels[keep])
+    return Stream(source, image_size, train_split, test_split, tuple(class_names))
+
+
+def _folder_records(location: str, size: int):
+    """((read, labels) of train, of test or None, class names) of an image-folder directory."""
+    path = pathlib.Path(location).expanduser()
+    if not path.is_dir():
+        raise ScalingError(f"streaming needs folder source {location} to be a directory")
+    files = _image_files(path)
+    splits, class_names = _folder_layout(files, location)
+    label_of = {class_name: label for label, class_name in enumerate(class_names)}
+
+    def records(entries):
+        paths = [files[name] for _, name in entries]
+        labels = np.array([label_of[class_name] for class_name, _ in entries], np.int32)
+        return functools.partial(_read_file, paths, size), labels
+
+    test = records(splits["test"]) if "test" in splits else None
+    return records(splits["train"]), test, class_names
+
+
+def _read_file(paths: list[pathlib.Path], size: int, record: int) -> np.ndarray:
+    try:
+        with Image.open(paths[record]) as image:
+            return _square_rgb(image, size)
+    except Exception as error:  # PIL raises OSError, SyntaxError, zlib.error... for a bad file
+        raise ScalingError(f"cannot decode image {paths[record]}: {error}") from error
+
+
+def _tfds_records(name: str, size: int, cache_dir):
+    """((read, labels) of train, of test or None, class names) of a TFDS data source."""
+    train, test, class_names = _tfds_sources(name)
+
+    def records(source):
+        read = lambda record: _tfds_image(source[record], size)  # noqa: E731
+        return read, _tfds_labels(source, cache_dir)
+
+    return records(train), test and records(test), class_names
+
+
+def _tfds_labels(source, cache_dir) -> np.ndarray:
+    """Every label of a TFDS data source: one pass over its records (on threads), then cached
+    under a key of the source's files and length."""
+
+    info = source.dataset_info  # full_name holds the name, config and version
+    identity = (_CACHE_VERSION, info.full_name, info.data_dir, source.split, len(source))
+    key = _sha256(repr(identity).encode())[:20]
+    cache_file = cache_directory(cache_dir) / f"tfds-labels-{key}.npz"
+    if cache_file.exists():
+        with np.load(cache_file) as cached:
+            return cached["labels"]
+    labels = _tfds_labels_pass(source)
+    _save_atomic(cache_file, {"labels": labels})
+    return labels
+
+
+def _tfds_labels_pass(source) -> np.ndarray:
+    import grain
+
+    labels = grain.MapDataset.source(source).map(lambda example: example["label"])
+    threads = grain.ReadOptions(num_threads=min(16, os.cpu_count() or 1))
+    return np.fromiter(labels.to_iter_dataset(threads), np.int32, len(source))
+
+
+def _check_settings(image_size, train_examples, data_fraction, holdout_fraction) -> None:
+    if not isinstance(image_size, int) or image_size < 1:
+        raise ScalingError(f"image_size must be a positive integer, got {image_size!r}")
+    if not 0 < holdout_fraction < 1:
+        raise ScalingError(f"holdout_fraction must be in (0, 1), got {holdout_fraction!r}")
+    if not 0 < data_fraction <= 1:
+        raise ScalingError(f"data_fraction must be in (0, 1], got {data_fraction!r}")
+    if train_examples is not None and data_fraction != 1:
+        raise ScalingError("give train_examples or data_fraction, not both")
+    if train_examples is not None and train_examples < 1:
+        raise ScalingError(f"train_examples must be at least 1, got {train_examples!r}")
+
+
+def _choose(labels, carve, train_examples, data_fraction, holdout_fraction, seed):
+    """(training subset in nested-subset order, carved test split or None), as indices into the
+    source's training examples, whose labels are `labels`."""
+    kept, held = _carve(labels, holdout_fraction, seed) if carve else (np.arange(len(labels)), None)
+    available = len(kept)
     count = train_examples if train_examples is not None else round(data_fraction * available)
     if count > available:
         raise ScalingError(f"train_examples={count} exceeds the {available} training examples")
     if count < 1:
         raise ScalingError(f"data_fraction={data_fraction} keeps none of {available} examples")
-    keep = nested_subset_order(train[1], seed)[:count]
-    return Dataset(source, train[0][keep], train[1][keep], *test, class_names)
+    return kept[nested_subset_order(labels[kept], seed)[:count]], held
 
 
 def nested_subset_order(labels: np.ndarray, seed: int) -> np.ndarray:
@@ -178,11 +337,10 @@ def _square_rgb(image: Image.Image, size: int) -> np.ndarray:
     return np.asarray(image)
 
 
-def _carve(train: Split, fraction: float, seed: int) -> tuple[Split, Split]:
-    """Split off a stratified `fraction` of `train` as the test split."""
+def _carve(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (kept, held out) that split off a stratified `fraction` as the test split."""
     from sklearn.model_selection import train_test_split  # lazy: decode workers never need it
 
-    images, labels = train
     try:
         kept, held = train_test_split(
             np.arange(len(labels)), test_size=fraction, stratify=labels, random_state=seed
@@ -191,8 +349,7 @@ def _carve(train: Split, fraction: float, seed: int) -> tuple[Split, Split]:
         raise ScalingError(
             f"cannot hold out a stratified {fraction:g} of train: {error}"
         ) from error
-    kept, held = np.sort(kept), np.sort(held)
-    return (images[kept], labels[kept]), (images[held], labels[held])
+    return np.sort(kept), np.sort(held)
 
 
 def _load_digits(size: int) -> Splits:
@@ -222,6 +379,12 @@ def _load_synthetic(size: int, classes: int, seed: int) -> Splits:
 
 
 def _load_tfds(name: str, size: int) -> Splits:
+    train, test, class_names = _tfds_sources(name)
+    return _read_tfds_split(train, size), test and _read_tfds_split(test, size), class_names
+
+
+def _tfds_sources(name: str):
+    """(train data source, test data source or None, class names) of a prepared TFDS dataset."""
     import tensorflow_datasets as tfds  # lazy: slow to import, and only this source needs it
 
     try:
@@ -237,27 +400,31 @@ def _load_tfds(name: str, size: int) -> Splits:
     # info.splits is empty under tfds.testing.mock_data, which serves any split name.
     splits = set(builder.info.splits) or {"train", "test"}
     test_split = next((split for split in ("test", "validation") if split in splits), None)
-    train = _read_tfds_split(builder, "train", size)
-    test = _read_tfds_split(builder, test_split, size) if test_split else None
+    train = _tfds_source(builder, "train")
+    test = _tfds_source(builder, test_split) if test_split else None
     return train, test, tuple(features["label"].names)
 
 
-def _read_tfds_split(builder, split: str, size: int) -> Split:
+def _tfds_source(builder, split: str):
     try:
-        source = builder.as_data_source(split=split)
+        return builder.as_data_source(split=split)
     except Exception as error:  # unprepared data surfaces as NotImplementedError or KeyError
         raise ScalingError(
             f"tfds dataset {builder.name!r} split {split!r} is not readable in {builder.data_dir}; "
             f"prepare it with `tfds build {builder.name} --file_format=array_record` ({error})"
         ) from error
+
+
+def _tfds_image(example, size: int) -> np.ndarray:
+    image = example["image"]
+    return _square_rgb(Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image), size)
+
+
+def _read_tfds_split(source, size: int) -> Split:
     images = np.empty((len(source), size, size, 3), np.uint8)
     labels = np.empty(len(source), np.int32)
     for i, example in enumerate(source):
-        image = example["image"]
-        images[i] = _square_rgb(
-            Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image), size
-        )
-        labels[i] = example["label"]
+        images[i], labels[i] = _tfds_image(example, size), example["label"]
     return images, labels
 
 
@@ -267,11 +434,7 @@ def _load_folder(location: str, size: int, cache_dir) -> Splits:
     if not path.exists():
         raise ScalingError(f"folder source {location} does not exist")
     if path.is_dir():
-        files = {
-            file.relative_to(path).as_posix(): file
-            for file in sorted(path.rglob("*"))
-            if file.name.lower().endswith(_IMAGE_SUFFIXES) and file.is_file()
-        }
+        files = _image_files(path)
         content = "".join(f"{name}\0{_sha256(file.read_bytes())}\n" for name, file in files.items())
         content_digest = _sha256(content.encode())
     elif path.is_file() and path.name.lower().endswith(_ARCHIVE_SUFFIXES):
@@ -303,6 +466,15 @@ def _load_folder(location: str, size: int, cache_dir) -> Splits:
     return train, test, tuple(map(str, arrays["class_names"]))
 
 
+def _image_files(path: pathlib.Path) -> dict[str, pathlib.Path]:
+    """{relative path: file} of the images under a directory, sorted."""
+    return {
+        file.relative_to(path).as_posix(): file
+        for file in sorted(path.rglob("*"))
+        if file.name.lower().endswith(_IMAGE_SUFFIXES) and file.is_file()
+    }
+
+
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -324,27 +496,8 @@ def _decode_tree(
     files: dict[str, bytes | pathlib.Path], location: str, size: int
 ) -> dict[str, np.ndarray]:
     """Decode {relative path: bytes or file} of an image-folder tree into the cached arrays."""
-    if not files:
-        raise ScalingError(f"no .jpg/.jpeg/.png images in folder source {location}")
-    parts = {name: pathlib.PurePosixPath(name).parts for name in sorted(files)}
-    tops = {name_parts[0] for name_parts in parts.values()}
-    if "train" not in tops and len(tops) == 1:  # archives often wrap the tree in one directory
-        parts = {name: name_parts[1:] for name, name_parts in parts.items()}
-    by_split: dict[str, list[tuple[str, str]]] = {}
-    for name, name_parts in parts.items():
-        if len(name_parts) >= 3:  # split/class/.../file
-            by_split.setdefault(name_parts[0], []).append((name_parts[1], name))
-    if "train" not in by_split:
-        raise ScalingError(f"folder source {location} has no train/<class>/ images")
-    class_names = sorted({class_name for class_name, _ in by_split["train"]})
-    test_split = next((split for split in _TEST_SPLITS if split in by_split), None)
-    splits = {"train": by_split["train"]} | ({"test": by_split[test_split]} if test_split else {})
+    splits, class_names = _folder_layout(files, location)
     label_of = {class_name: label for label, class_name in enumerate(class_names)}
-    for split, entries in splits.items():
-        unknown = {class_name for class_name, _ in entries} - label_of.keys()
-        if unknown:
-            raise ScalingError(f"{location}: {split} classes {sorted(unknown)} are not in train")
-
     entries = [(split, class_name, name) for split, es in splits.items() for class_name, name in es]
     images, decoded = _decode_files([files[name] for _, _, name in entries], size)
     split_of = np.array([split for split, _, _ in entries])
@@ -358,6 +511,31 @@ def _decode_tree(
         keep = (split_of == split) & decoded
         arrays[f"{split}_images"], arrays[f"{split}_labels"] = images[keep], labels[keep]
     return arrays
+
+
+def _folder_layout(names, location: str) -> tuple[dict[str, list], list[str]]:
+    """({split: [(class name, file name)]}, class names) of an image-folder tree's file names:
+    ``train``, and a test split if one of `_TEST_SPLITS` is there (stored as ``test``)."""
+    if not names:
+        raise ScalingError(f"no .jpg/.jpeg/.png images in folder source {location}")
+    parts = {name: pathlib.PurePosixPath(name).parts for name in sorted(names)}
+    tops = {name_parts[0] for name_parts in parts.values()}
+    if "train" not in tops and len(tops) == 1:  # archives often wrap the tree in one directory
+        parts = {name: name_parts[1:] for name, name_parts in parts.items()}
+    by_split: dict[str, list[tuple[str, str]]] = {}
+    for name, name_parts in parts.items():
+        if len(name_parts) >= 3:  # split/class/.../file
+            by_split.setdefault(name_parts[0], []).append((name_parts[1], name))
+    if "train" not in by_split:
+        raise ScalingError(f"folder source {location} has no train/<class>/ images")
+    class_names = sorted({class_name for class_name, _ in by_split["train"]})
+    test_split = next((split for split in _TEST_SPLITS if split in by_split), None)
+    splits = {"train": by_split["train"]} | ({"test": by_split[test_split]} if test_split else {})
+    for split, entries in splits.items():
+        unknown = {class_name for class_name, _ in entries} - set(class_names)
+        if unknown:
+            raise ScalingError(f"{location}: {split} classes {sorted(unknown)} are not in train")
+    return splits, class_names
 
 
 def _decode_files(files: list[bytes | pathlib.Path], size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -174,6 +175,28 @@ def make_steps(config, train_def, eval_def, tx):
     return train_step, eval_step
 
 
+def pixel_statistics(ds, sample=10_000):
+    """Per-channel mean and std of the training images, for normalisation inside the step: all
+    of them in memory; for a stream the first `sample` (a stratified subset, by the order of
+    `data.nested_subset_order`), so that it costs one pass of decoding, not an epoch."""
+    if isinstance(ds, data.Dataset):
+        pixels = ds.train_images.reshape(-1, ds.train_images.shape[-1]).astype(np.float64)
+        mean, std = pixels.mean(0), pixels.std(0)
+    else:
+        first = grain.MapDataset.range(min(sample, len(ds.train))).map(lambda i: ds.train[i][0])
+        count, sums, squares = 0, 0.0, 0.0  # every host reads the same images, so agrees
+        for images in read_ahead(first, 512).batch(256):
+            pixels = images.reshape(-1, images.shape[-1]).astype(np.float64)
+            count, sums, squares = (
+                count + len(pixels),
+                sums + pixels.sum(0),
+                squares + np.square(pixels).sum(0),
+            )
+        mean = sums / count
+        std = np.sqrt(squares / count - mean**2)
+    return mean.astype(np.float32), std.astype(np.float32) + 1e-3
+
+
 def num_train_steps(config, num_examples):
     if (config.num_steps is None) == (config.num_epochs is None):
         raise ScalingError("set exactly one of num_steps and num_epochs")
@@ -198,18 +221,12 @@ def epoch_order(num_examples, seed, epoch):
     return np.random.default_rng([seed, epoch]).permutation(num_examples)
 
 
-def evaluate(eval_step, state, images, labels, *, batch_size, sharding):
-    """Mean loss and accuracy over a whole split; the last batch is padded and masked."""
+def evaluate(eval_step, state, examples, count, *, batch_size, sharding):
+    """Mean loss and accuracy over the first `count` of `examples` (a `data.Examples` split);
+    the last batch is padded and masked."""
     totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
-    for start in range(0, len(images), batch_size):
-        x, y = images[start : start + batch_size], labels[start : start + batch_size]
-        mask = np.zeros(batch_size, np.float32)
-        mask[: len(x)] = 1
-        pad = batch_size - len(x)
-        x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
-        y = np.concatenate([y, np.zeros(pad, y.dtype)])
-        local = host_slice(np.arange(batch_size))
-        out = eval_step(state, *to_global((x[local], y[local], mask[local]), sharding))
+    for batch in eval_batches(examples, count, batch_size):
+        out = eval_step(state, *to_global(batch, sharding))
         for k, v in jax.device_get(out).items():
             totals[k] += float(v)
     return totals["loss"] / totals["count"], totals["correct"] / totals["count"]
@@ -262,12 +279,52 @@ def to_global(arrays, sharding):
     return tuple(jax.make_array_from_process_local_data(sharding, a) for a in arrays)
 
 
-def train_batch(ds, step, batch_size, seed, sharding):
-    """Global training batch `step`, sharded along the batch: each host gathers its share from
-    its in-memory copy of the training set (augmentation then runs on the devices, in the step).
-    `scaling bench` times this against the training step it feeds."""
-    idx = host_slice(batch_indices(step, len(ds.train_labels), batch_size, seed))
-    return to_global((ds.train_images[idx], ds.train_labels[idx]), sharding)
+# Reading runs ahead of the step on host threads (grain): decoding (PIL) and copying release
+# the GIL. Bounded, because a batch of large images is large.
+READ_THREADS = min(16, os.cpu_count() or 1)
+
+
+def read_ahead(dataset, buffer):
+    """`dataset`'s elements in order, computed up to `buffer` ahead on `READ_THREADS` threads."""
+    options = grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=buffer)
+    return dataset.to_iter_dataset(options)
+
+
+def train_batches(ds, start, end, batch_size, seed):
+    """This host's share of global training batches start..end-1, as uint8 images and labels.
+    In memory a batch is one gather; a `data.Stream` decodes example by example on the threads.
+    Augmentation runs later, on the devices, in the step. `scaling bench` times this."""
+    n, local = len(ds.train_labels), batch_size // jax.process_count()
+
+    def indices(step):
+        return host_slice(batch_indices(step, n, batch_size, seed))
+
+    if isinstance(ds, data.Stream):
+        positions = grain.MapDataset.range(start * local, end * local)
+        examples = positions.map(lambda p: ds.train[indices(p // local)[p % local]])
+        return read_ahead(examples, 2 * local).batch(local)
+    steps = grain.MapDataset.range(start, end)
+    return read_ahead(steps.map(lambda step: gather(ds, indices(step))), 2)
+
+
+def gather(ds, indices):
+    return ds.train_images[indices], ds.train_labels[indices]
+
+
+def eval_batches(examples, count, batch_size):
+    """This host's share of (images, labels, mask) batches over the first `count` examples."""
+    local = batch_size // jax.process_count()
+    image_shape, offsets = examples[0][0].shape, host_slice(np.arange(batch_size))
+
+    def example(p):
+        position = p // local * batch_size + offsets[p % local]
+        if position >= count:  # padding: masked out
+            return np.zeros(image_shape, np.uint8), np.int32(0), np.float32(0)
+        image, label = examples[position]
+        return image, np.int32(label), np.float32(1)
+
+    positions = grain.MapDataset.range(-(-count // batch_size) * local)
+    return read_ahead(positions.map(example), 2 * local).batch(local)
 
 
 def write_json_atomic(path, obj):
@@ -295,12 +352,13 @@ def json_config(config) -> dict:
 
 
 def config_conflicts(workdir: Path, config) -> list[str]:
-    """Top-level keys in which `config` differs from the run recorded in `workdir` (if any)."""
+    """Top-level keys in which `config` differs from the run recorded in `workdir` (if any). A
+    key the record lacks is a field added since the run began: not a conflict."""
     saved = Path(workdir) / "config.json"
     if not saved.exists():
         return []
     old, new = json.loads(saved.read_text()), json_config(config)
-    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    return sorted(k for k in set(old) | set(new) if old.get(k, new.get(k)) != new.get(k))
 
 
 def prepare_workdir(workdir: Path, config, overwrite: bool):
@@ -400,7 +458,7 @@ def train(config: ml_collections.ConfigDict, workdir, *, overwrite=False, stop_a
     models.abstract(config.model.name, **model_settings)  # a bad name or setting fails before I/O
     prepare_workdir(workdir, config, overwrite)
 
-    ds = data.load(
+    ds = (data.open_stream if config.stream else data.load)(
         config.dataset,
         config.image_size,
         train_examples=config.train_examples,
@@ -416,10 +474,7 @@ def train(config: ml_collections.ConfigDict, workdir, *, overwrite=False, stop_a
     model_settings["num_classes"] = ds.num_classes
     total_steps = num_train_steps(config, n_train)
 
-    # Per-channel statistics of the training images, for normalisation inside the step.
-    pixels = ds.train_images.reshape(-1, ds.train_images.shape[-1]).astype(np.float64)
-    mean, std = pixels.mean(0).astype(np.float32), pixels.std(0).astype(np.float32) + 1e-3
-    program = build(config, model_settings, total_steps, mean, std)
+    program = build(config, model_settings, total_steps, *pixel_statistics(ds))
     state, train_step, schedule = program.state, program.train_step, program.schedule
     abstract_model, batch_sharding = program.abstract_model, program.batch_sharding
     eval_batch = -(-config.eval_batch_size // devices) * devices  # a multiple of the devices
@@ -469,10 +524,10 @@ def train(config: ml_collections.ConfigDict, workdir, *, overwrite=False, stop_a
     window_start, last_finite_loss = time.perf_counter(), None
     bar = tqdm(total=total_steps, initial=start, unit="step", disable=None, dynamic_ncols=True)
     # closing: async checkpoint writes finish before the run returns or raises (Diverged).
+    batches = iter(train_batches(ds, start, end, config.batch_size, config.seed))
     with stop_on_sigterm() as preempted, contextlib.closing(checkpoints):
         for step in range(start, end):
-            batch = train_batch(ds, step, config.batch_size, config.seed, batch_sharding)
-            state = train_step(state, *batch)
+            state = train_step(state, *to_global(next(batches), batch_sharding))
             done = step + 1
             if done % config.log_every == 0 or done == total_steps:
                 sums = jax.device_get(state["metric_sums"])
@@ -500,7 +555,7 @@ def train(config: ml_collections.ConfigDict, workdir, *, overwrite=False, stop_a
                 bar.set_postfix(loss=f"{means['loss']:.3f}", acc=f"{means['accuracy']:.3f}")
                 window_start = time.perf_counter()
             if config.eval_every and done % config.eval_every == 0 and done < total_steps:
-                loss, acc = run_eval(state, ds.test_images, ds.test_labels)
+                loss, acc = run_eval(state, ds.test, len(ds.test_labels))
                 log(dict(step=done, test_loss=loss, test_accuracy=acc, wall_time=wall()))
             if preempted.is_set():  # SIGTERM: checkpoint now and leave, resumable
                 end = done
@@ -515,8 +570,8 @@ def train(config: ml_collections.ConfigDict, workdir, *, overwrite=False, stop_a
 
     # Final evaluation: the test split, and a fixed, un-augmented training subset of equal size.
     n_fit = min(n_train, len(ds.test_labels))
-    train_loss, train_acc = run_eval(state, ds.train_images[:n_fit], ds.train_labels[:n_fit])
-    test_loss, test_acc = run_eval(state, ds.test_images, ds.test_labels)
+    train_loss, train_acc = run_eval(state, ds.train, n_fit)
+    test_loss, test_acc = run_eval(state, ds.test, len(ds.test_labels))
     wall_seconds = wall()
     log(dict(step=total_steps, test_loss=test_loss, test_accuracy=test_acc, wall_time=wall_seconds))
     records = [r for r in read_metrics(metrics_path) if "images_per_second" in r]

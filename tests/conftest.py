@@ -20,6 +20,22 @@ os.environ.setdefault(
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 
+@pytest.fixture(scope="session")
+def digits_tree(tmp_path_factory) -> Path:
+    """scikit-learn's digits as an image-folder tree of PNG files: every fifth image in test/."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    root = tmp_path_factory.mktemp("digits-tree")
+    digits = load_digits()
+    for i, (image, label) in enumerate(zip(digits.images, digits.target, strict=True)):
+        folder = root / ("test" if i % 5 == 0 else "train") / str(label)
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.round(image * (255 / 16)).astype(np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
 @pytest.fixture
 def tiny_config():
     """A run that takes seconds: ResNet-8 on digits at 8x8."""

@@ -32,10 +32,18 @@ def test_bench_records_every_measure(tmp_path):
     assert "| resnet8 | 75,290 |" in table and "scaling bench --models resnet8" in table
 
 
+def test_bench_times_a_streamed_input_pipeline(digits_tree):
+    result = bench.bench(["resnet8"], batch=8, image_size=8, steps=2, windows=2,
+                         stream=f"folder:{digits_tree}", echo=lambda _: 0)  # fmt: skip
+    assert result["machine"]["input"] == f"streamed from folder:{digits_tree}"
+    assert result["records"][0]["input_images_per_second"] > 0
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
         (["--batch", "0"], "--batch must be positive, got 0"),
+        (["--stream", "digits"], "streaming reads folder:DIR or tfds:NAME sources, not 'digits'"),
         (["--models", "resnet20", "nosuchnet"], "unknown model 'nosuchnet'"),
     ],
 )

@@ -309,6 +309,56 @@ def test_tfds_unknown_name():
         data.load("tfds:no_such_dataset_xyz", 32)
 
 
+# --- streaming -------------------------------------------------------------------------------
+
+
+def assert_same_examples(stream: data.Stream, ds: data.Dataset) -> None:
+    """A stream holds `load`'s examples, in its order, with its labels and pixels."""
+    assert stream.class_names == ds.class_names
+    for split, images in (("train", ds.train_images), ("test", ds.test_images)):
+        examples = getattr(stream, split)
+        assert np.array_equal(examples.labels, getattr(ds, f"{split}_labels"))
+        assert np.array_equal(np.stack([examples[i][0] for i in range(len(examples))]), images)
+
+
+@pytest.mark.parametrize("settings", [{}, dict(data_fraction=0.3, seed=2)])
+def test_folder_stream_equals_load(digits_tree, tmp_path, settings):
+    assert_same_examples(
+        data.open_stream(f"folder:{digits_tree}", 12, **settings),
+        data.load(f"folder:{digits_tree}", 12, **settings),
+    )
+    carved = make_tree(tmp_path / "solo", ("train",), 5)
+    assert_same_examples(
+        data.open_stream(f"folder:{carved}", 8, train_examples=7),
+        data.load(f"folder:{carved}", 8, train_examples=7),
+    )
+
+
+def test_tfds_stream_equals_load_and_caches_labels(monkeypatch):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    with tfds.testing.mock_data(num_examples=24):
+        stream = data.open_stream("tfds:cifar10", 16, train_examples=20)
+        assert_same_examples(stream, data.load("tfds:cifar10", 16, train_examples=20))
+        monkeypatch.setattr(data, "_tfds_labels_pass", None)  # a second open reads the cache
+        again = data.open_stream("tfds:cifar10", 16, train_examples=20)
+    assert np.array_equal(again.train_labels, stream.train_labels)
+
+
+def test_stream_errors(tmp_path):
+    tree = make_tree(tmp_path / "tree")
+    archive = make_archive(tree, tmp_path / "tree.tar.gz")
+    with pytest.raises(ScalingError, match="streaming needs folder source .* to be a directory"):
+        data.open_stream(f"folder:{archive}", 8)
+    with pytest.raises(ScalingError, match="streaming reads folder:DIR or tfds:NAME sources"):
+        data.open_stream("digits", 8)
+    broken = tree / "train" / "apple" / "0.png"
+    broken.write_bytes(b"not an image")
+    stream = data.open_stream(f"folder:{tree}", 8)
+    position = [i for i in range(len(stream.train)) if stream.train.records[i] == 0]
+    with pytest.raises(ScalingError, match=f"cannot decode image {re.escape(str(broken))}"):
+        stream.train[position[0]]
+
+
 # --- synthetic ---------------------------------------------------------------------------------
 
 

@@ -70,6 +70,27 @@ def test_resume_continues_the_same_run(tmp_path, tiny_config):
     assert train(tiny_config(), tmp_path / "split") == resumed
 
 
+def test_streamed_run_equals_in_memory_run_and_resumes(tmp_path, tiny_config, digits_tree):
+    """Decoding from disk as training goes changes nothing: same batches, statistics, losses."""
+    dataset = f"folder:{digits_tree}"
+    memory = train(tiny_config(dataset=dataset), tmp_path / "memory")
+    assert (
+        train(tiny_config(dataset=dataset, stream=True), tmp_path / "stream", stop_after=12) is None
+    )
+    streamed = train(tiny_config(dataset=dataset, stream=True), tmp_path / "stream")
+    assert losses(tmp_path / "stream") == losses(tmp_path / "memory")
+    for key in ("train_loss", "test_loss", "test_accuracy", "train_examples"):
+        assert streamed[key] == memory[key]
+
+
+def test_a_field_added_since_a_run_began_is_no_conflict(tmp_path, tiny_config):
+    train(tiny_config(), tmp_path, stop_after=5)
+    record = json.loads((tmp_path / "config.json").read_text())
+    del record["stream"]  # as written before the field existed
+    (tmp_path / "config.json").write_text(json.dumps(record))
+    assert train(tiny_config(), tmp_path)["steps"] == 20
+
+
 def test_workdir_with_another_config_is_refused(tmp_path, tiny_config):
     train(tiny_config(), tmp_path, stop_after=5)
     with pytest.raises(ScalingError, match="different config.*lr"):
