@@ -23,6 +23,10 @@ drawn with ``seed``. Training subsets (``train_examples`` or ``data_fraction``) 
 each class is within one example of its proportional share. The training arrays come in that
 order, so any prefix of them is a stratified sample too. The test split is never subsampled.
 
+`open_stream` gives the same examples, in the same order, without decoding them up front: a
+`Stream` of `Examples` splits with random access (what grain reads), for ``folder:DIR``
+directories and ``tfds:NAME`` sources larger than host memory.
+
 Folder sources are decoded by worker processes started with "spawn" (forking a process in which
 JAX runs threads can deadlock), so a script calling `load` on one needs the usual
 ``if __name__ == "__main__":`` guard.
