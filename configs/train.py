@@ -48,6 +48,9 @@ def get_config(arg=None):
     # Decode images from disk as training goes (folder:DIR or tfds:NAME), for data larger than
     # host memory; the same batches as in memory. False decodes all at load.
     c.stream = False
+    # Hold the training set on every device and gather batches there. None: on accelerators when
+    # it fits in a quarter of a device's memory; never on CPU (device memory is host memory).
+    c.data_on_device = config_dict.placeholder(bool)
     # none | crop | flip | crop_flip (pad-4 random crop, mirror), on device. Digits are not
     # mirror-symmetric (a flipped 2 is no 2), so they are only cropped.
     c.augment = "crop" if c.dataset == "digits" else "crop_flip"

@@ -148,15 +148,21 @@ def jax_runners(name, batch, image_size, steps, dtype, stream=None):
 
 
 def input_runner(batch, image_size, steps, sharding, stream=None):
-    """The training input pipeline alone (`train.train_batches`): `steps` batches from an
-    in-memory set of CIFAR-10's 50,000 training images (fewer at sizes where they would pass
-    512 MiB), or decoded from the `stream` source as `config.stream` training reads it."""
+    """The training input pipeline alone, as `scaling train` runs it by default: `steps`
+    batches from an in-memory set of CIFAR-10's 50,000 training images (fewer at sizes where
+    they would pass 512 MiB), gathered on the devices on accelerators, on the host on CPU; or
+    decoded from the `stream` source as `config.stream` training reads it."""
     ds, box = input_dataset(batch, image_size, stream), {"step": 0}
 
     def run_input():
         start, box["step"] = box["step"], box["step"] + steps
-        for batch_arrays in train.train_batches(ds, start, start + steps, batch, 0):
-            jax.block_until_ready(train.to_global(batch_arrays, sharding))
+        if train.data_on_device(None, ds):  # as `scaling train` decides by default
+            batches = train.device_batches(ds, start, start + steps, batch, 0, sharding)
+        else:
+            batches = train.train_batches(ds, start, start + steps, batch, 0)
+            batches = (train.to_global(arrays, sharding) for arrays in batches)
+        for arrays in batches:
+            jax.block_until_ready(arrays)
 
     run_input()
     return run_input

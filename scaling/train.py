@@ -311,6 +311,32 @@ def gather(ds, indices):
     return ds.train_images[indices], ds.train_labels[indices]
 
 
+def data_on_device(setting, ds) -> bool:
+    """Whether the training set is held on the devices (`device_batches`): `setting` when given
+    (config.data_on_device); else on accelerators when it is in memory and takes under a quarter
+    of a device's memory, and never on CPU, whose device memory is the host's."""
+    if isinstance(ds, data.Stream):
+        return False
+    if setting is not None:
+        return setting
+    if jax.default_backend() == "cpu":
+        return False
+    memory = jax.local_devices()[0].memory_stats() or {}
+    return ds.train_images.nbytes < memory.get("bytes_limit", 0) / 4
+
+
+def device_batches(ds, start, end, batch_size, seed, sharding):
+    """Global training batches start..end-1 gathered on the devices, each from a copy of the
+    training set it holds: per step only the batch's indices leave the host. The same batches
+    as `train_batches`."""
+    replicated = NamedSharding(sharding.mesh, P())
+    images, labels = to_global((ds.train_images, ds.train_labels), replicated)
+    take = jax.jit(lambda x, y, i: (x[i], y[i]), out_shardings=sharding)
+    for step in range(start, end):
+        indices = batch_indices(step, len(ds.train_labels), batch_size, seed)
+        yield take(images, labels, indices.astype(np.int32))
+
+
 def eval_batches(examples, count, batch_size):
     """This host's share of (images, labels, mask) batches over the first `count` examples."""
     local = batch_size // jax.process_count()
@@ -451,6 +477,8 @@ def train(config: ml_collections.ConfigDict, workdir, *, overwrite=False, stop_a
         raise ScalingError(
             f"unknown compute_dtype {config.compute_dtype!r}; valid: float32, bfloat16"
         )
+    if config.stream and config.data_on_device:
+        raise ScalingError("data_on_device needs the data in memory: set stream=False")
     devices = jax.device_count()
     if config.batch_size % devices:
         raise ScalingError(f"batch_size {config.batch_size} is not divisible by {devices} devices")
@@ -524,10 +552,14 @@ def train(config: ml_collections.ConfigDict, workdir, *, overwrite=False, stop_a
     window_start, last_finite_loss = time.perf_counter(), None
     bar = tqdm(total=total_steps, initial=start, unit="step", disable=None, dynamic_ncols=True)
     # closing: async checkpoint writes finish before the run returns or raises (Diverged).
-    batches = iter(train_batches(ds, start, end, config.batch_size, config.seed))
+    if data_on_device(config.data_on_device, ds):
+        batches = device_batches(ds, start, end, config.batch_size, config.seed, batch_sharding)
+    else:
+        batches = train_batches(ds, start, end, config.batch_size, config.seed)
+        batches = (to_global(batch, batch_sharding) for batch in batches)
     with stop_on_sigterm() as preempted, contextlib.closing(checkpoints):
         for step in range(start, end):
-            state = train_step(state, *to_global(next(batches), batch_sharding))
+            state = train_step(state, *next(batches))
             done = step + 1
             if done % config.log_every == 0 or done == total_steps:
                 sums = jax.device_get(state["metric_sums"])

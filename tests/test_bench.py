@@ -39,6 +39,17 @@ def test_bench_times_a_streamed_input_pipeline(digits_tree):
     assert result["records"][0]["input_images_per_second"] > 0
 
 
+def test_bench_times_batches_gathered_on_the_device(monkeypatch):
+    gathered = []
+    device_batches = bench.train.device_batches
+    monkeypatch.setattr(bench.train, "data_on_device", lambda setting, ds: True)  # as on a GPU
+    monkeypatch.setattr(bench.train, "device_batches",
+                        lambda *a: gathered.append(a[1:3]) or device_batches(*a))  # fmt: skip
+    result = bench.bench(["resnet8"], batch=8, image_size=8, steps=2, windows=2, echo=lambda _: 0)
+    assert result["records"][0]["input_images_per_second"] > 0
+    assert gathered[:2] == [(0, 2), (2, 4)]  # steps 0-1 for the warm-up, then the first window
+
+
 @pytest.mark.parametrize(
     "args,message",
     [

@@ -164,21 +164,22 @@ def test_failing_trial_does_not_stop_the_others(tmp_path):
     assert "2 to run" in retry.stdout and "name=resnet9: failed" in retry.stdout
 
 
-@pytest.mark.parametrize("stream", [False, True])
-def test_two_processes_equal_one(tmp_path, digits_tree, stream):
-    """Two JAX processes (one CPU device each, gloo collectives) = one process, same batch; and
-    two processes each decoding its share from disk = one process holding the data in memory."""
+@pytest.mark.parametrize("reading", ["memory", "stream", "device"])
+def test_two_processes_equal_one(tmp_path, digits_tree, reading):
+    """Two JAX processes (one CPU device each, gloo collectives) = one process, same batch;
+    also when the two decode their shares from disk, or gather batches on their devices."""
     config = "configs/train.py:model=resnet8,image_size=16,steps=6,batch_size=64,lr=0.01"
     base = [sys.executable, "-m", "scaling.cli", "train", "--config", config,
             "--config.log_every=1", "--config.checkpoint_every=3"]  # fmt: skip
-    if stream:
+    if reading == "stream":
         base.append(f"--config.dataset=folder:{digits_tree}")
-    stream_flags = ["--config.stream=True"] if stream else []
+    flags = {"memory": [], "stream": ["--config.stream=True"],
+             "device": ["--config.data_on_device=True"]}[reading]  # fmt: skip
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     procs = [
-        subprocess.Popen([*base, *stream_flags, "--workdir", str(tmp_path / "two"), "--coordinator",
+        subprocess.Popen([*base, *flags, "--workdir", str(tmp_path / "two"), "--coordinator",
                           f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for i in range(2)

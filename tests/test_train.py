@@ -83,10 +83,19 @@ def test_streamed_run_equals_in_memory_run_and_resumes(tmp_path, tiny_config, di
         assert streamed[key] == memory[key]
 
 
+def test_batches_gathered_on_the_device_are_the_host_batches(tmp_path, tiny_config):
+    host = train(tiny_config(data_on_device=False), tmp_path / "host")
+    device = train(tiny_config(data_on_device=True), tmp_path / "device")
+    assert losses(tmp_path / "device") == losses(tmp_path / "host")
+    assert device["test_loss"] == host["test_loss"]
+    with pytest.raises(ScalingError, match="data_on_device needs the data in memory"):
+        train(tiny_config(data_on_device=True, stream=True), tmp_path / "both")
+
+
 def test_a_field_added_since_a_run_began_is_no_conflict(tmp_path, tiny_config):
     train(tiny_config(), tmp_path, stop_after=5)
     record = json.loads((tmp_path / "config.json").read_text())
-    del record["stream"]  # as written before the field existed
+    del record["stream"], record["data_on_device"]  # as written before the fields existed
     (tmp_path / "config.json").write_text(json.dumps(record))
     assert train(tiny_config(), tmp_path)["steps"] == 20
 
@@ -107,6 +116,7 @@ from scaling.config import load_config
 from scaling.train import augment, read_metrics, train
 config = load_config('configs/train.py:model=resnet8,image_size=16,steps=12,batch_size=64,lr=0.01')
 config.log_every = 1
+config.data_on_device = jax.device_count() == 8  # batches gathered on the devices, sharded
 with tempfile.TemporaryDirectory() as d:
     summary = train(config, d)
     losses = [r['loss'] for r in read_metrics(d + '/metrics.jsonl') if 'loss' in r]
