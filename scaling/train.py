@@ -184,14 +184,12 @@ def pixel_statistics(ds, sample=10_000):
         mean, std = pixels.mean(0), pixels.std(0)
     else:
         first = grain.MapDataset.range(min(sample, len(ds.train))).map(lambda i: ds.train[i][0])
-        count, sums, squares = 0, 0.0, 0.0  # every host reads the same images, so agrees
+        count, sums, squares = 0, 0.0, 0.0  # every host reads the same images: they agree
         for images in read_ahead(first, 512).batch(256):
             pixels = images.reshape(-1, images.shape[-1]).astype(np.float64)
-            count, sums, squares = (
-                count + len(pixels),
-                sums + pixels.sum(0),
-                squares + np.square(pixels).sum(0),
-            )
+            count += len(pixels)
+            sums = sums + pixels.sum(0)
+            squares = squares + np.square(pixels).sum(0)
         mean = sums / count
         std = np.sqrt(squares / count - mean**2)
     return mean.astype(np.float32), std.astype(np.float32) + 1e-3
