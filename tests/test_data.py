@@ -1,6 +1,7 @@
 """Tests for scaling.data: every source, held-out splits, nested subsets, the decode cache."""
 
 import re
+import shutil
 import tarfile
 import time
 from pathlib import Path
@@ -401,3 +402,13 @@ def test_cifar10_jpeg_archive(tmp_path_factory):
     assert warm < cold
     for file in cache.iterdir():  # 180 MB; pytest would keep it for three sessions
         file.unlink()
+    # Streamed from the extracted tree: the same examples, order and labels as in memory.
+    tree = tmp_path_factory.mktemp("cifar-tree")
+    with tarfile.open(CIFAR) as archive:
+        archive.extractall(tree, filter="data")
+    stream = data.open_stream(f"folder:{tree}", 32)
+    assert np.array_equal(stream.train_labels, ds.train_labels)
+    assert np.array_equal(stream.test_labels, ds.test_labels)
+    for i in range(0, 50_000, 997):
+        assert np.array_equal(stream.train[i][0], ds.train_images[i])
+    shutil.rmtree(tree)
