@@ -156,12 +156,8 @@ def input_runner(batch, image_size, steps, sharding, stream=None):
 
     def run_input():
         start, box["step"] = box["step"], box["step"] + steps
-        if train.data_on_device(None, ds):  # as `scaling train` decides by default
-            batches = train.device_batches(ds, start, start + steps, batch, 0, sharding)
-        else:
-            batches = train.train_batches(ds, start, start + steps, batch, 0)
-            batches = (train.to_global(arrays, sharding) for arrays in batches)
-        for arrays in batches:
+        on_device = train.data_on_device(None, ds)  # as `scaling train` decides by default
+        for arrays in train.global_batches(ds, start, start + steps, batch, 0, sharding, on_device):
             jax.block_until_ready(arrays)
 
     run_input()

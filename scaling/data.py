@@ -119,7 +119,6 @@ class Stream:
     examples, in the same order, as `load` gives, decoded on demand (see `open_stream`)."""
 
     source: str
-    image_size: int
     train: Examples
     test: Examples
     class_names: tuple[str, ...]
@@ -202,7 +201,7 @@ def open_stream(
     else:
         test_split = Examples(test[0], np.arange(len(test[1])), test[1])
     train_split = Examples(read_train, keep, train_labels[keep])
-    return Stream(source, image_size, train_split, test_split, tuple(class_names))
+    return Stream(source, train_split, test_split, tuple(class_names))
 
 
 def _folder_records(location: str, size: int):

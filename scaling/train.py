@@ -291,9 +291,10 @@ def read_ahead(dataset, buffer):
 def train_batches(ds, start, end, batch_size, seed):
     """This host's share of global training batches start..end-1, as uint8 images and labels.
     In memory a batch is one gather; a `data.Stream` decodes example by example on the threads.
-    Augmentation runs later, on the devices, in the step. `scaling bench` times this."""
+    Augmentation runs later, on the devices, in the step."""
     n, local = len(ds.train_labels), batch_size // jax.process_count()
 
+    @functools.lru_cache(maxsize=4 * READ_THREADS)  # a stream asks once per example
     def indices(step):
         return host_slice(batch_indices(step, n, batch_size, seed))
 
@@ -301,12 +302,21 @@ def train_batches(ds, start, end, batch_size, seed):
         positions = grain.MapDataset.range(start * local, end * local)
         examples = positions.map(lambda p: ds.train[indices(p // local)[p % local]])
         return read_ahead(examples, 2 * local).batch(local)
-    steps = grain.MapDataset.range(start, end)
-    return read_ahead(steps.map(lambda step: gather(ds, indices(step))), 2)
+
+    def gather(step):
+        return ds.train_images[indices(step)], ds.train_labels[indices(step)]
+
+    return read_ahead(grain.MapDataset.range(start, end).map(gather), 2)
 
 
-def gather(ds, indices):
-    return ds.train_images[indices], ds.train_labels[indices]
+def global_batches(ds, start, end, batch_size, seed, sharding, on_device):
+    """Global training batches start..end-1, sharded along the batch, as the step takes them:
+    gathered on the devices (`device_batches`) or read by this host (`train_batches`).
+    `scaling bench` times this."""
+    if on_device:
+        return device_batches(ds, start, end, batch_size, seed, sharding)
+    batches = train_batches(ds, start, end, batch_size, seed)
+    return (to_global(batch, sharding) for batch in batches)
 
 
 def data_on_device(setting, ds) -> bool:
@@ -549,12 +559,11 @@ def train(config: ml_collections.ConfigDict, workdir, *, overwrite=False, stop_a
     end = total_steps if stop_after is None else min(total_steps, start + stop_after)
     window_start, last_finite_loss = time.perf_counter(), None
     bar = tqdm(total=total_steps, initial=start, unit="step", disable=None, dynamic_ncols=True)
+    on_device = data_on_device(config.data_on_device, ds)
+    batches = global_batches(
+        ds, start, end, config.batch_size, config.seed, batch_sharding, on_device
+    )
     # closing: async checkpoint writes finish before the run returns or raises (Diverged).
-    if data_on_device(config.data_on_device, ds):
-        batches = device_batches(ds, start, end, config.batch_size, config.seed, batch_sharding)
-    else:
-        batches = train_batches(ds, start, end, config.batch_size, config.seed)
-        batches = (to_global(batch, batch_sharding) for batch in batches)
     with stop_on_sigterm() as preempted, contextlib.closing(checkpoints):
         for step in range(start, end):
             state = train_step(state, *next(batches))
