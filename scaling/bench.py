@@ -19,6 +19,7 @@ model, on the CPU.
 import contextlib
 import functools
 import importlib.util
+import itertools
 import json
 import platform
 import statistics
@@ -30,7 +31,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from scaling import ScalingError, data, models, train
+from scaling import ScalingError, data, flops, models, train
 from scaling.config import load_config
 
 # The standard benchmark: one model per family at CIFAR size, the twins' shapes.
@@ -153,11 +154,19 @@ def input_runner(batch, image_size, steps, sharding, stream=None):
     they would pass 512 MiB), gathered on the devices on accelerators, on the host on CPU; or
     decoded from the `stream` source as `config.stream` training reads it."""
     ds, box = input_dataset(batch, image_size, stream), {"step": 0}
+    on_device = train.data_on_device(None, ds)  # as `scaling train` decides by default
+    if on_device:  # the devices' copy of the training set is made once, as in a run
+        endless = train.global_batches(ds, 0, 2**31 - 1, batch, 0, sharding, True)
+    # A host pipeline starts afresh each window, so batches read ahead between windows never count.
 
     def run_input():
         start, box["step"] = box["step"], box["step"] + steps
-        on_device = train.data_on_device(None, ds)  # as `scaling train` decides by default
-        for arrays in train.global_batches(ds, start, start + steps, batch, 0, sharding, on_device):
+        batches = (
+            itertools.islice(endless, steps)
+            if on_device
+            else train.global_batches(ds, start, start + steps, batch, 0, sharding, False)
+        )
+        for arrays in batches:
             jax.block_until_ready(arrays)
 
     run_input()
@@ -187,9 +196,7 @@ def train_step_flops(config, model_settings, state, x, y) -> float:
     abstract.eval()
     tx, _ = train.make_optimizer(config, 1000)
     step, _ = train.make_steps(config, train_def, nnx.graphdef(abstract), tx)
-    cost = jax.jit(step).lower(state, x, y).cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    return float(cost["flops"])
+    return float(flops.cost_flops(step, (state, x, y)))
 
 
 def load_twins():

@@ -41,10 +41,18 @@ def _forward(model, image_size, in_channels=3):
 
 def xla_flops(model, image_size):
     with _counted_form(model):
-        fn, args = _forward(model, image_size)
-        cost = jax.jit(fn).lower(*args).cost_analysis()
+        return int(cost_flops(*_forward(model, image_size)))
+
+
+def cost_flops(fn, args) -> float:
+    """XLA's cost analysis of `fn(*args)`, lowered (not compiled) for the CPU whatever the
+    default backend: accelerators' runtime plugins analyse compiled programs only, and one
+    backend's count keeps the figures comparable across machines."""
+    shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), args)
+    with jax.default_device(jax.devices("cpu")[0]):
+        cost = jax.jit(fn).lower(*shapes).cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
-    return int(cost["flops"])
+    return cost["flops"]
 
 
 def _count(jaxpr, multiplier=1):

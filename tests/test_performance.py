@@ -122,6 +122,17 @@ def test_scanned_resnet_is_the_unrolled_one():
     assert flops.xla_flops(counted[0], 32) == pytest.approx(flops.xla_flops(counted[1], 32), 1e-3)
 
 
+@pytest.mark.parametrize("backend,loops", [("cpu", 1), ("gpu", 0), ("tpu", 0)])
+def test_scanned_blocks_loop_on_cpu_only(monkeypatch, backend, loops):
+    # Accelerators unroll the scan (stack.scan_blocks); the weights stay stacked either way.
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    model = models.create("vit_ti16", num_classes=10, image_size=32, seed=0)
+    graphdef, state = nnx.split(model)
+    x = jnp.zeros((2, 32, 32, 3))
+    text = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)).lower(state, x).as_text()
+    assert text.count("stablehlo.while") == loops
+
+
 def test_resnet_scans_only_dropout_free_runs_of_blocks():
     count = lambda model: [type(b).__name__ for b in model.blocks].count("Stack")  # noqa: E731
     assert count(models.abstract("wrn16_4")) == 0  # two blocks a stage: nothing to scan

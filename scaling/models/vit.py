@@ -10,10 +10,11 @@ The position embeddings have one row per patch, so the model is built for one re
 (`image_size`, default 224); `resize(model, image_size)` returns the model at another resolution
 with the embeddings interpolated in 2-D, as the paper does to fine-tune at higher resolution.
 
-The identical encoder blocks are created with `nnx.vmap` (parameters stacked along a leading
-axis of length depth) and applied with `nnx.scan` (`scan=True`, the default), so compile time does
-not grow with depth; `remat=True` rematerialises each block in the backward pass. `scan=False`
-builds the same blocks unrolled, as an `nnx.List` (`unrolled(model)` converts a scanned model).
+The identical encoder blocks are created with `nnx.vmap` (parameters stacked along a leading axis of
+length depth) and applied with `nnx.scan` (`scan=True`, the default), so on CPU compile time does
+not grow with depth (accelerators unroll the loop: `stack.scan_blocks`); `remat=True` rematerialises
+each block in the backward pass. `scan=False` builds the same blocks unrolled, as an `nnx.List`
+(`unrolled(model)` converts a scanned model).
 `dropout` acts on the embeddings, the attention output and both MLP layers (the paper's places);
 `stochastic_depth` drops a block's residual branches per example, at the same rate in every
 block, since scanned blocks are identical.
