@@ -196,7 +196,7 @@ def train_step_flops(config, model_settings, state, x, y) -> float:
     abstract.eval()
     tx, _ = train.make_optimizer(config, 1000)
     step, _ = train.make_steps(config, train_def, nnx.graphdef(abstract), tx)
-    return float(flops.cost_flops(step, (state, x, y)))
+    return flops.cost_flops(step, (state, x, y))
 
 
 def load_twins():
