@@ -87,6 +87,22 @@ def test_stride1_conv_is_xlas_convolution(kernel, padding):
         np.testing.assert_allclose(ours, xlas, atol=1e-4)
 
 
+def test_kernel_gradient_transposes_its_input_behind_a_conditional():
+    # XLA:CPU would fuse the ReLU into the transpose of the kernel gradient's input, which
+    # then runs several times slower; a conditional keeps them apart in the compiled program.
+    x = jax.random.normal(jax.random.key(0), (2, 5, 5, 3))
+    w = jax.random.normal(jax.random.key(1), (3, 3, 3, 4))
+
+    def loss(w, x):
+        y = resnet.conv_general_dilated(
+            jax.nn.relu(x), w, (1, 1), "SAME", (1, 1), (1, 1), dimension_numbers=resnet.NHWC
+        )
+        return jnp.sum(y)
+
+    compiled = jax.jit(jax.grad(loss)).lower(w, x).compile().as_text()
+    assert compiled.count("conditional(") == 1
+
+
 def sgd_step(model, x):
     """One plain SGD step of a training-mode loss, in place; returns the loss."""
 
