@@ -99,8 +99,8 @@ def _unfused_transpose(x, perm):
     the batch innermost reads at 1-2 GB/s, 4-7x slower than a transpose on its own (16x16x128
     images: 11.9 against 1.9 ms). XLA computes a conditional's operand before it, so it cannot
     fuse across one: both branches are the transpose, and the predicate (false only for a NaN)
-    is one it cannot fold. Training, four programs interleaved: resnet20 and resnet56 6% faster,
-    wrn16_4 3%."""
+    is one it cannot fold. Training, four programs interleaved: resnet20 3-6% faster, resnet56
+    7%, wrn16_4 3%."""
     transpose = functools.partial(jnp.transpose, axes=perm)
     first = x[(0,) * x.ndim]
     return lax.cond(first == first, transpose, transpose, x)
