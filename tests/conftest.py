@@ -1,4 +1,6 @@
+import atexit
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -14,9 +16,10 @@ TRAIN_CONFIG = str(ROOT / "configs" / "train.py")
 # One compilation cache for the whole session, in-process and in every subprocess: many tests
 # compile the same tiny networks, and a cache hit turns a ~10 s start into ~3 s. Set before JAX
 # is imported (scaling.config does not import it).
-os.environ.setdefault(
-    "JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="scaling-tests-jax-cache-")
-)
+# Removed at exit, after every subprocess has finished with it: each session's cache is ~20 MB.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="scaling-tests-jax-cache-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 
