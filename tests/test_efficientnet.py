@@ -7,7 +7,7 @@ import re
 import jax
 import jax.numpy as jnp
 import pytest
-from conftest import TRAIN_CONFIG
+from conftest import TRAIN_CONFIG, run_python
 from flax import nnx
 
 from scaling import ScalingError, flops, models, scale
@@ -211,11 +211,12 @@ def test_stochastic_depth_only_in_training():
     assert 0 < int(dropped.sum()) < 8  # per example, not per batch
 
 
-@pytest.mark.parametrize("size,kernel,stride", [(9, 3, 1), (10, 5, 2)])
+@pytest.mark.parametrize("size,kernel,stride", [(9, 3, 1), (10, 5, 2), (7, 3, 2), (6, 5, 1)])
 def test_depthwise_shift_form_is_xla_convolution(size, kernel, stride):
     # The shifted-slice form must be the same function as XLA's grouped convolution, values and
-    # gradients (odd sizes and stride 2 check the 'SAME' padding).
-    x = jax.random.normal(jax.random.key(0), (2, size, size, 8))
+    # gradients (its own backward pass on CPU; odd and unequal sides and stride 2 check the
+    # 'SAME' padding).
+    x = jax.random.normal(jax.random.key(0), (3, size, size + 1, 8))
     w = jax.random.normal(jax.random.key(1), (kernel, kernel, 1, 8))
 
     def loss(conv):
@@ -243,6 +244,33 @@ def test_depthwise_shift_form_is_xla_convolution(size, kernel, stride):
     out = -(-size // stride)
     assert flops.macs_and_activations(conv, size) == (out * out * 3 * kernel**2, out * out * 3)
     assert flops.xla_flops(conv, size) > 0 and conv.count_as_conv is False
+
+
+def test_depthwise_gradient_with_the_batch_sharded_over_devices():
+    # The kernel gradient loops over examples in groups, one per device: with the batch sharded
+    # over 4 devices it must still equal XLA's convolution gradient, and be computed sharded.
+    out = run_python(
+        """
+import jax, jax.numpy as jnp
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from scaling.models import efficientnet
+mesh = jax.make_mesh((4,), ("data",), axis_types=(AxisType.Auto,))  # as scaling.train
+x = jax.random.normal(jax.random.key(0), (8, 6, 6, 16))
+x = jax.device_put(x, NamedSharding(mesh, P("data")))
+w = jax.random.normal(jax.random.key(1), (3, 3, 1, 16))
+def grads(conv):
+    f = jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.sin(conv(x, w, 1))), (0, 1)))
+    return f, f(x, w)
+f, (dx, dw) = grads(efficientnet._depthwise_shift)
+_, (dx0, dw0) = grads(efficientnet._depthwise_xla)
+print(float(jnp.abs(dx - dx0).max()), float(jnp.abs(dw - dw0).max()))
+print("all-gather" in f.lower(x, w).compile().as_text())
+""",
+        devices=4,
+    )
+    dx_error, dw_error, gathers = out.split()
+    assert float(dx_error) < 1e-5 and float(dw_error) < 1e-4
+    assert gathers == "False"
 
 
 @pytest.mark.parametrize(
