@@ -1,5 +1,6 @@
 """The CPU optimisations keep results: same programs, same losses, only faster."""
 
+import functools
 import json
 import os
 import re
@@ -85,6 +86,29 @@ def test_stride1_conv_is_xlas_convolution(kernel, padding):
     assert float(y2) == pytest.approx(float(y1), rel=1e-5)
     for ours, xlas in zip(g2, g1, strict=True):
         np.testing.assert_allclose(ours, xlas, atol=1e-4)
+
+
+@pytest.mark.parametrize("stride,cin,cout", [(1, 4, 6), (1, 6, 4), (2, 6, 4), (2, 4, 6)])
+def test_pointwise_conv_is_xlas_convolution(stride, cin, cout):
+    # With pointwise=True (EfficientNet, CoAtNet) 1x1 convolutions at any stride are matrix
+    # products, their own backward pass included: the same function, values and gradients (odd
+    # sides check the strided sampling), and no convolution left in the compiled program.
+    x = jax.random.normal(jax.random.key(0), (3, 9, 7, cin))
+    w = jax.random.normal(jax.random.key(1), (1, 1, cin, cout))
+    pointwise = functools.partial(resnet.conv_general_dilated, pointwise=True)
+
+    def loss(conv):
+        def f(x, w):
+            y = conv(x, w, (stride,) * 2, "SAME", (1, 1), (1, 1), dimension_numbers=resnet.NHWC)
+            return jnp.sum(jnp.sin(y))
+
+        return jax.jit(jax.value_and_grad(f, (0, 1)))
+
+    (y1, g1), (y2, g2) = loss(lax.conv_general_dilated)(x, w), loss(pointwise)(x, w)
+    assert float(y2) == pytest.approx(float(y1), rel=1e-5)
+    for ours, xlas in zip(g2, g1, strict=True):
+        np.testing.assert_allclose(ours, xlas, atol=1e-4)
+    assert "convolution(" not in loss(pointwise).lower(x, w).compile().as_text()
 
 
 def test_kernel_gradient_transposes_its_input_behind_a_conditional():

@@ -47,7 +47,7 @@ import numpy as np
 from flax import nnx
 
 from scaling import ScalingError
-from scaling.models.efficientnet import DepthwiseConv
+from scaling.models.efficientnet import DepthwiseConv, conv_general_dilated
 from scaling.models.vit import Mlp, SelfAttention
 
 # name -> (blocks per stage L, channels D) for S0..S4, Table 3 of the paper.
@@ -89,6 +89,7 @@ def _conv(cin, cout, kernel, *, rngs, dtype, stride=1, bias=False):
         use_bias=bias,
         kernel_init=conv_init,
         dtype=dtype,
+        conv_general_dilated=conv_general_dilated,
         rngs=rngs,
     )
 

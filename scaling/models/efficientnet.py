@@ -47,6 +47,7 @@ from flax.nnx.nn.dtypes import promote_dtype
 from jax import lax
 
 from scaling import ScalingError
+from scaling.models import resnet
 from scaling.scale import compound_coefficients, round_filters, round_repeats
 
 # The B0 baseline, stage by stage: (expansion ratio, kernel, stride, output channels, blocks).
@@ -79,6 +80,9 @@ NAMES = "efficientnet, efficientnet_b{0-7}, efficientnet[_b{0-7}]_cifar"
 # is Flax's fan-in.
 conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 depthwise_init = nnx.initializers.variance_scaling(2.0, "fan_in", "normal")
+# On CPU, convolutions with their gradients written out, 1x1 ones as matrix products (MBConv
+# blocks are mostly 1x1 convolutions; also CoAtNet's).
+conv_general_dilated = functools.partial(resnet.conv_general_dilated, pointwise=True)
 # Classifier: uniform(-1/sqrt(classes), 1/sqrt(classes)), as the reference dense initializer.
 dense_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_out", "uniform")
 
@@ -89,7 +93,12 @@ class Layers:
     def __init__(self, dtype, depthwise, bn_momentum, rngs):
         self.dtype, self.depthwise = dtype, depthwise
         self.conv = functools.partial(
-            nnx.Conv, use_bias=False, kernel_init=conv_init, dtype=dtype, rngs=rngs
+            nnx.Conv,
+            use_bias=False,
+            kernel_init=conv_init,
+            dtype=dtype,
+            conv_general_dilated=conv_general_dilated,
+            rngs=rngs,
         )
         self.norm = functools.partial(
             nnx.BatchNorm, momentum=bn_momentum, epsilon=1e-3, dtype=dtype, rngs=rngs
