@@ -1,5 +1,6 @@
 """ViT: exact parameter counts, scan == unrolled, position-embedding resizing, training, errors."""
 
+import functools
 import json
 import re
 
@@ -89,6 +90,17 @@ def test_output_shapes_at_two_resolutions(pool, size):
     model = models.abstract("vit_ti4", image_size=size, pool=pool, **TINY)
     assert output_shape(model, size) == (2, 10)
     assert model.pos_embed.shape == (1, (size // 4) ** 2 + (pool == "token"), 32)
+
+
+def test_gelu_is_the_exact_gelu():
+    # erf's form (PyTorch's) against jax.nn.gelu's erfc form: the same function and derivative
+    # to float32 rounding; only relative precision in the far negative tail differs.
+    x = jnp.linspace(-12, 12, 100_001)
+    exact = functools.partial(jax.nn.gelu, approximate=False)
+    np.testing.assert_allclose(vit.gelu(x), exact(x), atol=2e-6, rtol=1e-5)
+    grad = jax.vmap(jax.grad(vit.gelu))(x)
+    np.testing.assert_allclose(grad, jax.vmap(jax.grad(exact))(x), atol=1e-6)
+    assert vit.gelu(jnp.ones(3, jnp.bfloat16)).dtype == jnp.bfloat16
 
 
 def test_scan_and_unrolled_give_the_same_outputs(tiny):

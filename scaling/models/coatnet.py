@@ -48,7 +48,7 @@ from flax import nnx
 
 from scaling import ScalingError
 from scaling.models.efficientnet import DepthwiseConv, conv_general_dilated
-from scaling.models.vit import Mlp, SelfAttention
+from scaling.models.vit import Mlp, SelfAttention, gelu
 
 # name -> (blocks per stage L, channels D) for S0..S4, Table 3 of the paper.
 SIZES = {
@@ -65,10 +65,6 @@ VIT_REL_DEFAULTS = ((12,), (384,))  # ViT-S sized when no depths/dims are given
 conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 dense_init = nnx.initializers.xavier_uniform()
 LN_EPSILON = 1e-5
-
-
-def _gelu(x):
-    return jax.nn.gelu(x, approximate=False)
 
 
 def _pool(x):
@@ -156,8 +152,8 @@ class MBConv(nnx.Module):
         shortcut = _pool(x) if self.stride > 1 else x
         if self.shortcut is not None:
             shortcut = self.shortcut(shortcut)
-        y = _gelu(self.norm1(self.conv1(self.norm0(x))))
-        y = self.se(_gelu(self.norm2(self.conv2(y))))
+        y = gelu(self.norm1(self.conv1(self.norm0(x))))
+        y = self.se(gelu(self.norm2(self.conv2(y))))
         return shortcut + self.drop_path(self.conv3(y))
 
 
@@ -335,7 +331,7 @@ class Stem(nnx.Module):
     def __call__(self, x):
         x = self.convs[0](x)
         for conv, norm in zip(self.convs[1:], self.norms, strict=True):
-            x = conv(_gelu(norm(x)))
+            x = conv(gelu(norm(x)))
         return x
 
 

