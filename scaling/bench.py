@@ -188,9 +188,10 @@ def input_dataset(batch, image_size, stream=None):
 
 def train_step_flops(config, model_settings, state, x, y) -> float:
     """XLA's FLOP count of one training step. XLA counts a loop's body once, so the step is
-    lowered (not compiled) again with scanned layers unrolled, as flops.xla_flops does."""
+    lowered (not compiled) again with scanned layers unrolled and depthwise convolutions as
+    XLA's (whose CPU backward pass loops over the examples), as flops.xla_flops does."""
     abstract = models.abstract(config.model.name, **model_settings)
-    abstract.set_attributes(unroll_scan=True, raise_if_not_found=False)
+    abstract.set_attributes(unroll_scan=True, count_as_conv=True, raise_if_not_found=False)
     abstract.train()
     train_def = nnx.graphdef(abstract)
     abstract.eval()
