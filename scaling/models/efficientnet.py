@@ -22,8 +22,8 @@ One baseline (B0, the `STAGES` table) and one rule for scaling it, as in the ref
   so by default they run as a sum of k*k shifted slices times per-channel weights
   (`DepthwiseConv`, 4-5x faster training and up to 10x faster evaluation on CPU), with a
   backward pass of their own on CPU; the FLOP counters of `scaling.flops` still see one
-  convolution. `depthwise='conv'` uses XLA's
-  convolution throughout (faster to compile; may suit GPUs, where cuDNN has depthwise kernels).
+  convolution. `depthwise='conv'` uses XLA's convolution throughout (faster to compile; may
+  suit GPUs, where cuDNN has depthwise kernels).
 - `bn_momentum` (0.99 as the reference) can be lowered for short runs: at 0.99 the running
   statistics that evaluation uses need a few hundred steps to settle.
 

@@ -63,7 +63,6 @@ def make_norm(kind, dtype, rngs):
 
 
 NHWC = ("NHWC", "HWIO", "NHWC")
-POINTWISE = True
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
