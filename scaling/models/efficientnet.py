@@ -128,19 +128,12 @@ def _same_pads(size, k, stride):
 
 
 def _taps(x, k, stride, out_shape):
-    """The k*k shifted, strided slices of a padded NHWC `x` (or of a padded HWC image when
-    `x` has three axes), each of `out_shape`'s spatial size."""
-    oh, ow = out_shape
-    lead = x.ndim - 3
+    """The k*k shifted, strided slices of a padded NHWC `x`, each of `out_shape`'s size."""
+    (oh, ow), (n, c) = out_shape, (x.shape[0], x.shape[-1])
     for i in range(k):
         for j in range(k):
-            start = (0,) * lead + (i, j, 0)
-            end = x.shape[:lead] + (
-                i + (oh - 1) * stride + 1,
-                j + (ow - 1) * stride + 1,
-                x.shape[-1],
-            )
-            yield lax.slice(x, start, end, (1,) * lead + (stride, stride, 1))
+            end = (n, i + (oh - 1) * stride + 1, j + (ow - 1) * stride + 1, c)
+            yield lax.slice(x, (0, i, j, 0), end, (1, stride, stride, 1))
 
 
 def _correlate(padded, kernel, stride, out_shape):
