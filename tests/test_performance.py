@@ -173,6 +173,17 @@ def test_scanned_blocks_loop_on_cpu_only(monkeypatch, backend, loops):
     assert text.count("stablehlo.while") == loops
 
 
+@pytest.mark.parametrize("name,loops", [("resnet20", 0), ("resnet32", 0), ("resnet44", 3)])
+def test_short_stacks_are_unrolled(name, loops):
+    # Stacks of 2, 4 and 6 blocks: the CPU loops over the last only (stack.SHORT_STACK).
+    model = models.create(name, num_classes=10, seed=0)
+    assert [type(b).__name__ for b in model.blocks].count("Stack") == 3
+    graphdef, state = nnx.split(model)
+    x = jnp.zeros((2, 16, 16, 3))
+    text = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)).lower(state, x).as_text()
+    assert text.count("stablehlo.while") == loops
+
+
 def test_resnet_scans_only_dropout_free_runs_of_blocks():
     count = lambda model: [type(b).__name__ for b in model.blocks].count("Stack")  # noqa: E731
     assert count(models.abstract("wrn16_4")) == 0  # two blocks a stage: nothing to scan
