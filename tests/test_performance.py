@@ -67,17 +67,20 @@ print(json.dumps([ynn_convolutions(conv_gradient_program()), losses]))
 
 
 @pytest.mark.parametrize(
-    "kernel,padding", [(3, "SAME"), (1, "SAME"), (5, ((1, 3), (2, 0))), (3, "VALID")]
-)
-def test_stride1_conv_is_xlas_convolution(kernel, padding):
-    # ResNet's convolutions spell their gradient out in XLA:CPU's canonical layouts: the same
-    # function, values and gradients, for any padding.
+    "kernel,stride,padding",
+    [(3, 1, "SAME"), (1, 1, "SAME"), (5, 1, ((1, 3), (2, 0))), (3, 1, "VALID"), (3, 2, "SAME"),
+     (3, 2, ((1, 1), (1, 1))), (1, 2, "VALID"), (5, 3, ((2, 1), (0, 2))), (2, 2, "VALID")],
+)  # fmt: skip
+def test_conv_is_xlas_convolution(kernel, stride, padding):
+    # ResNet's convolutions spell their kernel gradient out in XLA:CPU's canonical layouts: the
+    # same function, values and gradients, for any padding and stride (odd sides: the last
+    # strided window leaves pixels out).
     x = jax.random.normal(jax.random.key(0), (3, 9, 7, 4))
     w = jax.random.normal(jax.random.key(1), (kernel, kernel, 4, 5))
 
     def loss(conv):
         def f(x, w):
-            y = conv(x, w, (1, 1), padding, (1, 1), (1, 1), dimension_numbers=resnet.NHWC)
+            y = conv(x, w, (stride,) * 2, padding, (1, 1), (1, 1), dimension_numbers=resnet.NHWC)
             return jnp.sum(jnp.sin(y))
 
         return jax.jit(jax.value_and_grad(f, (0, 1)))(x, w)

@@ -65,29 +65,38 @@ def make_norm(kind, dtype, rngs):
 NHWC = ("NHWC", "HWIO", "NHWC")
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _stride1_conv(x, kernel, padding):
-    return lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=NHWC)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv(x, kernel, strides, padding):
+    return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=NHWC)
 
 
-def _stride1_conv_fwd(x, kernel, padding):
-    return _stride1_conv(x, kernel, padding), (x, kernel)
+def _conv_fwd(x, kernel, strides, padding):
+    return _conv(x, kernel, strides, padding), (x, kernel)
 
 
-def _stride1_conv_bwd(padding, residuals, grad):
+def _conv_bwd(strides, padding, residuals, grad):
     x, kernel = residuals
     (kh, kw), ((top, bottom), (left, right)) = kernel.shape[:2], padding
-    # The input gradient: the flipped kernel, in and out swapped, over the output gradient.
-    flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
-    pad = ((kh - 1 - top, kh - 1 - bottom), (kw - 1 - left, kw - 1 - right))
-    dx = lax.conv_general_dilated(grad, flipped, (1, 1), pad, dimension_numbers=NHWC)
+    if strides == (1, 1):
+        # The input gradient: the flipped kernel, in and out swapped, over the output gradient.
+        flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
+        pad = ((kh - 1 - top, kh - 1 - bottom), (kw - 1 - left, kw - 1 - right))
+        dx = lax.conv_general_dilated(grad, flipped, (1, 1), pad, dimension_numbers=NHWC)
+    else:  # XLA's own, which needs nothing transposed
+        conv = functools.partial(lax.conv_general_dilated, dimension_numbers=NHWC)
+        dx = jax.vjp(lambda x: conv(x, kernel, strides, padding), x)[1](grad)[0]
     # The kernel gradient: the input with channels as the batch and images as the features,
-    # against the output gradient as a kernel, spelled out in XLA's own layout.
+    # against the output gradient (spread `strides` apart) as a kernel, spelled out in XLA's
+    # own layout. The far side pads (or crops) the input to what the last output reads.
+    far = [k + (out - 1) * s - size - near
+           for k, out, s, size, near in zip((kh, kw), grad.shape[1:3], strides, x.shape[1:3],
+                                            (top, left), strict=True)]  # fmt: skip
     dk = lax.conv_general_dilated(
         _unfused_transpose(x, (3, 1, 2, 0)),
         grad.transpose(1, 2, 0, 3),
         (1, 1),
-        padding,
+        ((top, far[0]), (left, far[1])),
+        rhs_dilation=strides,
         dimension_numbers=NHWC,
     )
     return dx, dk.transpose(1, 2, 0, 3)
@@ -106,7 +115,7 @@ def _unfused_transpose(x, perm):
     return lax.cond(first == first, transpose, transpose, x)
 
 
-_stride1_conv.defvjp(_stride1_conv_fwd, _stride1_conv_bwd)
+_conv.defvjp(_conv_fwd, _conv_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -146,10 +155,10 @@ def conv_general_dilated(
 ):
     """`lax.conv_general_dilated` for nnx.Conv, with the gradients of undilated NHWC
     convolutions written out on CPU:
-    - stride 1: in XLA:CPU's canonical layouts. XLA derives other layouts for them, which it
-      runs 25x slower inside a loop body (a scanned `Stack`) and behind many-input transposes
-      outside one (training on 2 CPU cores: resnet20 282 -> 312 img/s, resnet110 25 -> 52 with
-      its blocks scanned);
+    - the kernel gradient in XLA:CPU's canonical layouts. XLA derives other layouts for it,
+      which it runs 25x slower inside a loop body (a scanned `Stack`) and behind many-input
+      transposes outside one (training on 2 CPU cores: resnet20 282 -> 312 img/s, resnet110
+      25 -> 52 with its blocks scanned; strided ones too: resnet20 0.377 -> 0.350 s a step);
     - with `pointwise=True`, 1x1 at any stride: as matrix products (CoAtNet 2-4% faster; not
       for ResNets, whose few 1x1 shortcuts run 1% slower so)."""
     dims = lax.conv_dimension_numbers(lhs.shape, rhs.shape, kw.get("dimension_numbers"))
@@ -167,8 +176,8 @@ def conv_general_dilated(
     one_by_one = rhs.shape[:2] == (1, 1) and strides[0] == strides[1] and not any(sum(padding, ()))
     if ours and pointwise and one_by_one:
         return _pointwise_conv(lhs, rhs, strides[0])
-    if ours and strides == (1, 1):
-        return _stride1_conv(lhs, rhs, padding)
+    if ours:
+        return _conv(lhs, rhs, strides, padding)
     return lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, **kw
     )
