@@ -169,18 +169,18 @@ def conv_general_dilated(
         and kw.get("feature_group_count", 1) == 1
         and all(kw.get(k) is None for k in ("precision", "preferred_element_type", "out_sharding"))
     )
+    if not ours:
+        return lax.conv_general_dilated(
+            lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, **kw
+        )
     strides = tuple(window_strides)
     if isinstance(padding, str):
         padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
     padding = tuple(map(tuple, padding))
     one_by_one = rhs.shape[:2] == (1, 1) and strides[0] == strides[1] and not any(sum(padding, ()))
-    if ours and pointwise and one_by_one:
+    if pointwise and one_by_one:
         return _pointwise_conv(lhs, rhs, strides[0])
-    if ours:
-        return _conv(lhs, rhs, strides, padding)
-    return lax.conv_general_dilated(
-        lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, **kw
-    )
+    return _conv(lhs, rhs, strides, padding)
 
 
 class Layers:
