@@ -17,16 +17,20 @@ import jax.extend
 import jax.numpy as jnp
 from flax import nnx
 
+from scaling import onednn
+
 
 @contextlib.contextmanager
 def _counted_form(model):
     """`model` as its operations are counted. XLA's cost analysis counts the body of a loop once,
     so layers stacked with a scan (ViT's encoder, ResNet's stages) are unrolled: those expose the
     attribute `unroll_scan`. Convolutions that run as other operations to be faster on CPU
-    (EfficientNet's depthwise ones) are counted as the convolutions they are: `count_as_conv`."""
+    (EfficientNet's depthwise ones) are counted as the convolutions they are: `count_as_conv`;
+    and oneDNN's convolutions as XLA's."""
     model.set_attributes(unroll_scan=True, count_as_conv=True, raise_if_not_found=False)
     try:
-        yield
+        with onednn.disabled():
+            yield
     finally:
         model.set_attributes(unroll_scan=False, count_as_conv=False, raise_if_not_found=False)
 
@@ -47,9 +51,10 @@ def xla_flops(model, image_size):
 def cost_flops(fn, args) -> float:
     """XLA's cost analysis of `fn(*args)`, lowered (not compiled) for the CPU whatever the
     default backend: accelerators' runtime plugins analyse compiled programs only, and one
-    backend's count keeps the figures comparable across machines."""
+    backend's count keeps the figures comparable across machines. Convolutions are XLA's here,
+    not oneDNN's custom calls, which the analysis would count as free."""
     shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), args)
-    with jax.default_device(jax.devices("cpu")[0]):
+    with jax.default_device(jax.devices("cpu")[0]), onednn.disabled():
         cost = jax.jit(fn).lower(*shapes).cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     return cost["flops"]

@@ -195,8 +195,8 @@ def test_two_processes_equal_one(tmp_path, digits_tree, reading):
               for d in (tmp_path / "one", tmp_path / "two")]  # fmt: skip
     assert len(losses[1]) == 6  # one metrics writer: no line written twice
     # Equal to float rounding at first, then compounding slowly (see the 8-device test).
-    np.testing.assert_allclose(losses[0][:3], losses[1][:3], rtol=1e-5)
-    np.testing.assert_allclose(losses[0], losses[1], rtol=5e-4)
+    np.testing.assert_allclose(losses[0][:3], losses[1][:3], rtol=1e-4)
+    np.testing.assert_allclose(losses[0], losses[1], rtol=2e-3)
 
 
 def _launch(accelerator, **kw):

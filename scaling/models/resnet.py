@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
-from scaling import ScalingError
+from scaling import ScalingError, onednn
 from scaling.models.stack import Stack, unstack
 from scaling.scale import round_filters, round_repeats
 
@@ -153,8 +153,9 @@ _pointwise_conv.defvjp(_pointwise_conv_fwd, _pointwise_conv_bwd)
 def conv_general_dilated(
     lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, *, pointwise=False, **kw
 ):
-    """`lax.conv_general_dilated` for nnx.Conv, with the gradients of undilated NHWC
-    convolutions written out on CPU:
+    """`lax.conv_general_dilated` for nnx.Conv. Undilated NHWC convolutions on CPU run as
+    oneDNN's in float32 (`scaling.onednn`, 1.2-4x faster than XLA's), else with their gradients
+    written out:
     - the kernel gradient in XLA:CPU's canonical layouts. XLA derives other layouts for it,
       which it runs 25x slower inside a loop body (a scanned `Stack`) and behind many-input
       transposes outside one (training on 2 CPU cores: resnet20 282 -> 312 img/s, resnet110
@@ -180,6 +181,8 @@ def conv_general_dilated(
     one_by_one = rhs.shape[:2] == (1, 1) and strides[0] == strides[1] and not any(sum(padding, ()))
     if pointwise and one_by_one:
         return _pointwise_conv(lhs, rhs, strides[0])
+    if lhs.dtype == rhs.dtype == jnp.float32 and onednn.enabled():
+        return onednn.conv(lhs, rhs, strides, padding)
     return _conv(lhs, rhs, strides, padding)
 
 

@@ -1,0 +1,170 @@
+// oneDNN's float32 convolutions as XLA FFI targets for the CPU: forward, input gradient and
+// kernel gradient of an undilated, ungrouped convolution of NHWC images with an HWIO kernel
+// (Flax's layouts). Built and registered by scaling/onednn.py.
+#include <map>
+#include <mutex>
+#include <optional>
+#include <vector>
+
+#include <oneapi/dnnl/dnnl.hpp>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+using dnnl::memory;
+using Tag = memory::format_tag;
+
+namespace {
+
+dnnl::engine& Engine() {
+  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
+enum Kind { kForward, kInputGradient, kKernelGradient };
+
+// One convolution's primitive, built once per shape: building one takes longer than running a
+// small one. Its kernel (or kernel gradient) may be in a blocked layout of oneDNN's choosing,
+// so `kernel_reorder` converts between that and HWIO.
+struct Conv {
+  dnnl::primitive primitive;
+  memory::desc image, kernel, output, kernel_inner;
+  std::optional<dnnl::reorder> kernel_reorder;
+};
+
+struct Geometry {
+  memory::dims strides, pad_low, pad_high;
+};
+
+Geometry Prepare(int64_t stride_h, int64_t stride_w, int64_t pad_top, int64_t pad_left,
+                 int64_t pad_bottom, int64_t pad_right) {
+  return {{stride_h, stride_w}, {pad_top, pad_left}, {pad_bottom, pad_right}};
+}
+
+// dims: images (N, H, W, C), kernel (KH, KW, I, O), outputs (N, OH, OW, O) as XLA gives them.
+const Conv& Lookup(Kind kind, ffi::Span<const int64_t> image, ffi::Span<const int64_t> kernel,
+                   ffi::Span<const int64_t> output, const Geometry& g) {
+  const auto& [strides, pad_low, pad_high] = g;
+  static std::mutex mutex;
+  static std::map<std::vector<int64_t>, Conv> cache;
+  std::vector<int64_t> key = {kind};
+  for (auto dims : {image, kernel, output}) key.insert(key.end(), dims.begin(), dims.end());
+  for (const auto& v : {strides, pad_low, pad_high}) key.insert(key.end(), v.begin(), v.end());
+  std::lock_guard<std::mutex> lock(mutex);
+  auto found = cache.find(key);
+  if (found != cache.end()) return found->second;
+
+  Conv conv;
+  conv.image = memory::desc({image[0], image[3], image[1], image[2]}, memory::data_type::f32,
+                            Tag::nhwc);
+  conv.output = memory::desc({output[0], output[3], output[1], output[2]},
+                             memory::data_type::f32, Tag::nhwc);
+  memory::dims kernel_dims = {kernel[3], kernel[2], kernel[0], kernel[1]};
+  conv.kernel = memory::desc(kernel_dims, memory::data_type::f32, Tag::hwio);
+  memory::desc any_kernel(kernel_dims, memory::data_type::f32, Tag::any);
+  auto direct = dnnl::algorithm::convolution_direct;
+  dnnl::convolution_forward::primitive_desc forward(
+      Engine(), dnnl::prop_kind::forward_training, direct, conv.image, any_kernel, conv.output,
+      strides, pad_low, pad_high);
+  if (kind == kForward) {
+    conv.primitive = dnnl::convolution_forward(forward);
+    conv.kernel_inner = forward.weights_desc();
+  } else if (kind == kInputGradient) {
+    dnnl::convolution_backward_data::primitive_desc pd(Engine(), direct, conv.image, any_kernel,
+                                                       conv.output, strides, pad_low, pad_high,
+                                                       forward);
+    conv.primitive = dnnl::convolution_backward_data(pd);
+    conv.kernel_inner = pd.weights_desc();
+  } else {
+    dnnl::convolution_backward_weights::primitive_desc pd(Engine(), direct, conv.image,
+                                                          any_kernel, conv.output, strides,
+                                                          pad_low, pad_high, forward);
+    conv.primitive = dnnl::convolution_backward_weights(pd);
+    conv.kernel_inner = pd.diff_weights_desc();
+  }
+  if (conv.kernel_inner != conv.kernel) {
+    conv.kernel_reorder = kind == kKernelGradient
+                              ? dnnl::reorder(dnnl::reorder::primitive_desc(
+                                    Engine(), conv.kernel_inner, Engine(), conv.kernel))
+                              : dnnl::reorder(dnnl::reorder::primitive_desc(
+                                    Engine(), conv.kernel, Engine(), conv.kernel_inner));
+  }
+  return cache.emplace(key, std::move(conv)).first->second;
+}
+
+// Runs `conv` with its image, kernel and output arguments at the given addresses, on all cores
+// (an OpenMP team). One call at a time: XLA runs independent operations, and each device of a
+// process, on threads of its own, and OpenMP teams started from two of them at once hung the
+// process (four CoAtNets trained in one program; four host devices).
+ffi::Error Run(Kind kind, const Conv& conv, void* image, void* kernel, void* output) {
+  static std::mutex one_at_a_time;
+  std::lock_guard<std::mutex> lock(one_at_a_time);
+  dnnl::stream stream(Engine());
+  memory image_memory(conv.image, Engine(), image);
+  memory output_memory(conv.output, Engine(), output);
+  memory kernel_memory(conv.kernel, Engine(), kernel);
+  memory inner = kernel_memory;
+  if (conv.kernel_reorder) {
+    inner = memory(conv.kernel_inner, Engine());
+    if (kind != kKernelGradient) conv.kernel_reorder->execute(stream, kernel_memory, inner);
+  }
+  int image_arg = kind == kInputGradient ? DNNL_ARG_DIFF_SRC : DNNL_ARG_SRC;
+  int kernel_arg = kind == kKernelGradient ? DNNL_ARG_DIFF_WEIGHTS : DNNL_ARG_WEIGHTS;
+  int output_arg = kind == kForward ? DNNL_ARG_DST : DNNL_ARG_DIFF_DST;
+  conv.primitive.execute(stream, {{image_arg, image_memory},
+                                  {kernel_arg, inner},
+                                  {output_arg, output_memory}});
+  if (conv.kernel_reorder && kind == kKernelGradient) {
+    conv.kernel_reorder->execute(stream, inner, kernel_memory);
+  }
+  stream.wait();
+  return ffi::Error::Success();
+}
+
+using F32 = ffi::Buffer<ffi::F32, 4>;
+using F32Result = ffi::ResultBuffer<ffi::F32, 4>;
+
+ffi::Error Forward(F32 image, F32 kernel, F32Result output, int64_t sh, int64_t sw, int64_t pt,
+                   int64_t pl, int64_t pb, int64_t pr) {
+  Geometry g = Prepare(sh, sw, pt, pl, pb, pr);
+  const Conv& conv = Lookup(kForward, image.dimensions(), kernel.dimensions(),
+                            output->dimensions(), g);
+  return Run(kForward, conv, image.untyped_data(), kernel.untyped_data(),
+             output->untyped_data());
+}
+
+ffi::Error InputGradient(F32 output_gradient, F32 kernel, F32Result image_gradient, int64_t sh,
+                         int64_t sw, int64_t pt, int64_t pl, int64_t pb, int64_t pr) {
+  Geometry g = Prepare(sh, sw, pt, pl, pb, pr);
+  const Conv& conv = Lookup(kInputGradient, image_gradient->dimensions(), kernel.dimensions(),
+                            output_gradient.dimensions(), g);
+  return Run(kInputGradient, conv, image_gradient->untyped_data(), kernel.untyped_data(),
+             output_gradient.untyped_data());
+}
+
+ffi::Error KernelGradient(F32 image, F32 output_gradient, F32Result kernel_gradient, int64_t sh,
+                          int64_t sw, int64_t pt, int64_t pl, int64_t pb, int64_t pr) {
+  Geometry g = Prepare(sh, sw, pt, pl, pb, pr);
+  const Conv& conv = Lookup(kKernelGradient, image.dimensions(), kernel_gradient->dimensions(),
+                            output_gradient.dimensions(), g);
+  return Run(kKernelGradient, conv, image.untyped_data(), kernel_gradient->untyped_data(),
+             output_gradient.untyped_data());
+}
+
+}  // namespace
+
+#define SCALING_CONV_BINDING                                                             \
+  ffi::Ffi::Bind()                                                                     \
+      .Arg<F32>()                                                                      \
+      .Arg<F32>()                                                                      \
+      .Ret<F32>()                                                                      \
+      .Attr<int64_t>("stride_h")                                                       \
+      .Attr<int64_t>("stride_w")                                                       \
+      .Attr<int64_t>("pad_top")                                                        \
+      .Attr<int64_t>("pad_left")                                                       \
+      .Attr<int64_t>("pad_bottom")                                                     \
+      .Attr<int64_t>("pad_right")
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ScalingConvForward, Forward, SCALING_CONV_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ScalingConvInputGradient, InputGradient, SCALING_CONV_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ScalingConvKernelGradient, KernelGradient, SCALING_CONV_BINDING);
