@@ -116,9 +116,9 @@ def disabled():
 
 def _ffi(target, shape, a, b, geometry):
     (stride_h, stride_w), ((top, bottom), (left, right)) = geometry
-    attributes = dict(stride_h=stride_h, stride_w=stride_w, pad_top=top, pad_left=left)
-    attributes.update(pad_bottom=bottom, pad_right=right)
-    attributes = {name: np.int64(value) for name, value in attributes.items()}
+    names = ("stride_h", "stride_w", "pad_top", "pad_left", "pad_bottom", "pad_right")
+    values = (stride_h, stride_w, top, left, bottom, right)
+    attributes = {name: np.int64(value) for name, value in zip(names, values, strict=True)}
     return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, a.dtype))(a, b, **attributes)
 
 

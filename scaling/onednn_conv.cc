@@ -25,32 +25,24 @@ enum Kind { kForward, kInputGradient, kKernelGradient };
 
 // One convolution's primitive, built once per shape: building one takes longer than running a
 // small one. Its kernel (or kernel gradient) may be in a blocked layout of oneDNN's choosing,
-// so `kernel_reorder` converts between that and HWIO.
+// so `kernel_reorder` converts between that and HWIO, through `kernel_blocked` (allocated once:
+// calls take turns).
 struct Conv {
   dnnl::primitive primitive;
   memory::desc image, kernel, output, kernel_inner;
   std::optional<dnnl::reorder> kernel_reorder;
+  memory kernel_blocked;
 };
-
-struct Geometry {
-  memory::dims strides, pad_low, pad_high;
-};
-
-Geometry Prepare(int64_t stride_h, int64_t stride_w, int64_t pad_top, int64_t pad_left,
-                 int64_t pad_bottom, int64_t pad_right) {
-  return {{stride_h, stride_w}, {pad_top, pad_left}, {pad_bottom, pad_right}};
-}
 
 // dims: images (N, H, W, C), kernel (KH, KW, I, O), outputs (N, OH, OW, O) as XLA gives them.
+// Called under Convolve's lock.
 const Conv& Lookup(Kind kind, ffi::Span<const int64_t> image, ffi::Span<const int64_t> kernel,
-                   ffi::Span<const int64_t> output, const Geometry& g) {
-  const auto& [strides, pad_low, pad_high] = g;
-  static std::mutex mutex;
+                   ffi::Span<const int64_t> output, const memory::dims& strides,
+                   const memory::dims& pad_low, const memory::dims& pad_high) {
   static std::map<std::vector<int64_t>, Conv> cache;
   std::vector<int64_t> key = {kind};
   for (auto dims : {image, kernel, output}) key.insert(key.end(), dims.begin(), dims.end());
   for (const auto& v : {strides, pad_low, pad_high}) key.insert(key.end(), v.begin(), v.end());
-  std::lock_guard<std::mutex> lock(mutex);
   auto found = cache.find(key);
   if (found != cache.end()) return found->second;
 
@@ -88,25 +80,34 @@ const Conv& Lookup(Kind kind, ffi::Span<const int64_t> image, ffi::Span<const in
                                     Engine(), conv.kernel_inner, Engine(), conv.kernel))
                               : dnnl::reorder(dnnl::reorder::primitive_desc(
                                     Engine(), conv.kernel, Engine(), conv.kernel_inner));
+    conv.kernel_blocked = memory(conv.kernel_inner, Engine());
   }
   return cache.emplace(key, std::move(conv)).first->second;
 }
 
-// Runs `conv` with its image, kernel and output arguments at the given addresses, on all cores
-// (an OpenMP team). One call at a time: XLA runs independent operations, and each device of a
-// process, on threads of its own, and OpenMP teams started from two of them at once hung the
-// process (four CoAtNets trained in one program; four host devices).
-ffi::Error Run(Kind kind, const Conv& conv, void* image, void* kernel, void* output) {
+// An operand as XLA hands it over: its dimensions and its address.
+struct Operand {
+  ffi::Span<const int64_t> dims;
+  void* data;
+};
+
+// Looks up (or builds) the primitive and runs it on all cores (an OpenMP team). One call at a
+// time: XLA runs independent operations, and each device of a process, on threads of its own,
+// and OpenMP teams started from two of them at once hung the process (four CoAtNets trained in
+// one program; four host devices).
+ffi::Error Convolve(Kind kind, Operand image, Operand kernel, Operand output, int64_t sh,
+                    int64_t sw, int64_t pt, int64_t pl, int64_t pb, int64_t pr) {
   static std::mutex one_at_a_time;
   std::lock_guard<std::mutex> lock(one_at_a_time);
+  const Conv& conv =
+      Lookup(kind, image.dims, kernel.dims, output.dims, {sh, sw}, {pt, pl}, {pb, pr});
   dnnl::stream stream(Engine());
-  memory image_memory(conv.image, Engine(), image);
-  memory output_memory(conv.output, Engine(), output);
-  memory kernel_memory(conv.kernel, Engine(), kernel);
-  memory inner = kernel_memory;
-  if (conv.kernel_reorder) {
-    inner = memory(conv.kernel_inner, Engine());
-    if (kind != kKernelGradient) conv.kernel_reorder->execute(stream, kernel_memory, inner);
+  memory image_memory(conv.image, Engine(), image.data);
+  memory output_memory(conv.output, Engine(), output.data);
+  memory kernel_memory(conv.kernel, Engine(), kernel.data);
+  memory inner = conv.kernel_reorder ? conv.kernel_blocked : kernel_memory;
+  if (conv.kernel_reorder && kind != kKernelGradient) {
+    conv.kernel_reorder->execute(stream, kernel_memory, inner);
   }
   int image_arg = kind == kInputGradient ? DNNL_ARG_DIFF_SRC : DNNL_ARG_SRC;
   int kernel_arg = kind == kKernelGradient ? DNNL_ARG_DIFF_WEIGHTS : DNNL_ARG_WEIGHTS;
@@ -124,31 +125,24 @@ ffi::Error Run(Kind kind, const Conv& conv, void* image, void* kernel, void* out
 using F32 = ffi::Buffer<ffi::F32, 4>;
 using F32Result = ffi::ResultBuffer<ffi::F32, 4>;
 
+Operand In(F32 buffer) { return {buffer.dimensions(), buffer.untyped_data()}; }
+Operand Out(F32Result buffer) { return {buffer->dimensions(), buffer->untyped_data()}; }
+
 ffi::Error Forward(F32 image, F32 kernel, F32Result output, int64_t sh, int64_t sw, int64_t pt,
                    int64_t pl, int64_t pb, int64_t pr) {
-  Geometry g = Prepare(sh, sw, pt, pl, pb, pr);
-  const Conv& conv = Lookup(kForward, image.dimensions(), kernel.dimensions(),
-                            output->dimensions(), g);
-  return Run(kForward, conv, image.untyped_data(), kernel.untyped_data(),
-             output->untyped_data());
+  return Convolve(kForward, In(image), In(kernel), Out(output), sh, sw, pt, pl, pb, pr);
 }
 
 ffi::Error InputGradient(F32 output_gradient, F32 kernel, F32Result image_gradient, int64_t sh,
                          int64_t sw, int64_t pt, int64_t pl, int64_t pb, int64_t pr) {
-  Geometry g = Prepare(sh, sw, pt, pl, pb, pr);
-  const Conv& conv = Lookup(kInputGradient, image_gradient->dimensions(), kernel.dimensions(),
-                            output_gradient.dimensions(), g);
-  return Run(kInputGradient, conv, image_gradient->untyped_data(), kernel.untyped_data(),
-             output_gradient.untyped_data());
+  return Convolve(kInputGradient, Out(image_gradient), In(kernel), In(output_gradient), sh, sw,
+                  pt, pl, pb, pr);
 }
 
 ffi::Error KernelGradient(F32 image, F32 output_gradient, F32Result kernel_gradient, int64_t sh,
                           int64_t sw, int64_t pt, int64_t pl, int64_t pb, int64_t pr) {
-  Geometry g = Prepare(sh, sw, pt, pl, pb, pr);
-  const Conv& conv = Lookup(kKernelGradient, image.dimensions(), kernel_gradient->dimensions(),
-                            output_gradient.dimensions(), g);
-  return Run(kKernelGradient, conv, image.untyped_data(), kernel_gradient->untyped_data(),
-             output_gradient.untyped_data());
+  return Convolve(kKernelGradient, In(image), Out(kernel_gradient), In(output_gradient), sh, sw,
+                  pt, pl, pb, pr);
 }
 
 }  // namespace
