@@ -194,3 +194,35 @@ def test_resnet_scans_only_dropout_free_runs_of_blocks():
     assert count(models.abstract("wrn16_4")) == 0  # two blocks a stage: nothing to scan
     assert count(models.abstract("wrn22_4")) == 3
     assert count(models.abstract("wrn22_4", block_dropout=0.3)) == 0
+
+
+PAGE_FAULTS = """
+import resource
+import scaling  # sets up malloc before JAX starts its threads
+import jax, jax.numpy as jnp
+x = jnp.ones(2**24)
+# tanh(x) is a temporary buffer of 64 MB, above glibc's largest mmap threshold (32 MB).
+tanh_sum = jax.jit(lambda x: (jnp.tanh(x).reshape(4096, 4096) @ jnp.ones(4096)).sum())
+for _ in range(3):
+    jax.block_until_ready(tanh_sum(x))
+faults = []
+for _ in range(5):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    jax.block_until_ready(tanh_sum(x))
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(min(faults))
+"""
+
+
+@pytest.mark.skipif(
+    os.uname().sysname != "Linux" or os.confstr("CS_GNU_LIBC_VERSION") is None,
+    reason="the malloc settings are glibc's",
+)
+def test_freed_buffers_are_reused_without_page_faults(monkeypatch):
+    # By default every call's buffer is a fresh mmap, faulted in page by page: 16,384 pages of
+    # 4 KB. Kept, it comes back from the heap. The fewest of five calls: now and then this shared
+    # host reclaims idle pages of its own accord, and a call faults some back in.
+    monkeypatch.setenv("SCALING_MALLOPT", "0")
+    assert int(run_python(PAGE_FAULTS)) >= 16_384
+    monkeypatch.delenv("SCALING_MALLOPT")
+    assert int(run_python(PAGE_FAULTS)) < 100
