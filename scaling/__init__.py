@@ -16,19 +16,26 @@ _flags = os.environ.get("XLA_FLAGS", "")
 if CPU_CONVOLUTION_FLAG not in _flags:
     os.environ["XLA_FLAGS"] = f"{_flags} {CPU_CONVOLUTION_FLAG}=-individual_convolution".strip()
 
-# XLA:CPU allocates each execution's temporary buffer afresh: 319 MB for the CoAtNet of
-# `scaling bench`, 300 MB for resnet20. glibc serves allocations above 32 MB with mmap and
-# returns them with munmap, so every training step page-faulted its whole working set back in
-# (60-75 thousand faults a step, a third of the CPU time spent in the kernel). One malloc arena,
-# no mmap and no trimming keep freed memory in the process for the next step: resnet20 0.36 ->
-# 0.24 s a step, no page faults (README "Performance", change 12). Arenas are per thread, so this
-# must run before JAX starts its threads; the price is that a process keeps its peak memory.
-# SCALING_MALLOPT=0 keeps glibc's defaults.
-M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8  # glibc's malloc.h
-if os.environ.get("SCALING_MALLOPT", "1") != "0" and platform.libc_ver()[0] == "glibc":
-    _libc = ctypes.CDLL("libc.so.6")
-    for _option, _value in ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1)):
-        _libc.mallopt(_option, _value)
+
+def _keep_freed_memory():
+    """XLA:CPU allocates each execution's temporary buffer afresh: 319 MB for the CoAtNet of
+    `scaling bench`, 300 MB for resnet20. glibc serves allocations above 32 MB with mmap and
+    returns them with munmap, so every training step page-faulted its whole working set back in
+    (60-79 thousand faults a step, a third of the CPU time spent in the kernel). One malloc
+    arena, no mmap and no trimming keep freed memory in the process for the next step (README
+    "Performance", change 12). Arenas are per thread, so this must run before JAX starts its
+    threads; the price is that a process keeps its peak memory. SCALING_MALLOPT=0 keeps glibc's
+    defaults."""
+    if os.environ.get("SCALING_MALLOPT", "1") == "0" or platform.libc_ver()[0] != "glibc":
+        return
+    m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8  # glibc's malloc.h
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(m_arena_max, 1)
+    libc.mallopt(m_mmap_max, 0)
+    libc.mallopt(m_trim_threshold, -1)  # -1: never trim
+
+
+_keep_freed_memory()
 
 
 class ScalingError(ValueError):

@@ -17,6 +17,7 @@ convolves its own examples, and the kernel gradient is summed over them with `ps
 """
 
 import contextlib
+import ctypes
 import functools
 import hashlib
 import logging
@@ -90,8 +91,6 @@ def available() -> bool:
         first = (error.stderr or "").strip().splitlines()[:1]
         logging.warning("scaling: building oneDNN's convolutions failed (%s)", first)
         return False
-    import ctypes
-
     handle = ctypes.cdll.LoadLibrary(str(library))
     for target, symbol in TARGETS.items():
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(handle, symbol)), "cpu")

@@ -3,6 +3,7 @@
 import functools
 import json
 import os
+import platform
 import re
 
 import jax
@@ -214,10 +215,7 @@ print(min(faults))
 """
 
 
-@pytest.mark.skipif(
-    os.uname().sysname != "Linux" or os.confstr("CS_GNU_LIBC_VERSION") is None,
-    reason="the malloc settings are glibc's",
-)
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the malloc settings are glibc's")
 def test_freed_buffers_are_reused_without_page_faults(monkeypatch):
     # By default every call's buffer is a fresh mmap, faulted in page by page: 16,384 pages of
     # 4 KB. Kept, it comes back from the heap. The fewest of five calls: now and then this shared
