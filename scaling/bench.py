@@ -12,8 +12,10 @@ the same way) and, on accelerators, the chip's datasheet peak; also the images/s
 training input pipeline alone (in memory, or `--stream SOURCE` decoded from disk as
 `config.stream` training reads it), and that as a multiple of what the training step consumes.
 With `--compare torch` the PyTorch twins in benchmarks/torch_twins.py (same layers, same
-parameter count, checked) are timed in the same process, window by window in turn with the JAX
-model, on the CPU.
+parameter count, checked) are timed window by window in turn with the JAX model, on the CPU,
+each twin in a process of its own with glibc's default malloc settings: PyTorch as a user runs
+it. In one process with JAX it ran 20-50% slower (JAX's threads and `import scaling`'s malloc
+settings beside it; README "Performance", change 12).
 """
 
 import contextlib
@@ -21,6 +23,8 @@ import functools
 import importlib.util
 import itertools
 import json
+import multiprocessing
+import os
 import platform
 import statistics
 import sys
@@ -250,6 +254,68 @@ def torch_runners(twins, name, batch, image_size, steps, params):
     return run_train, run_eval
 
 
+def torch_worker(conn, name, batch, image_size, steps, params):
+    """The twin's side of `torch_process`: build and warm up, say so, then run a window per
+    request ("train" or "eval") until told None."""
+    try:
+        twin = torch_runners(load_twins(), name, batch, image_size, steps, params)
+    except ScalingError as e:
+        conn.send(("error", str(e)))
+        return
+    conn.send(("ready", None))
+    runners = dict(train=twin[0], eval=twin[1])
+    while (kind := conn.recv()) is not None:
+        runners[kind]()
+        conn.send(kind)
+
+
+@contextlib.contextmanager
+def torch_process(name, batch, image_size, steps, params):
+    """Train and eval runners that each time one window of the PyTorch twin in a process of
+    its own, started with glibc's malloc defaults (SCALING_MALLOPT=0)."""
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no JAX threads
+    conn, child_conn = context.Pipe()
+    saved = os.environ.get("SCALING_MALLOPT")
+    os.environ["SCALING_MALLOPT"] = "0"  # the child inherits the environment as it starts
+    try:
+        args = (child_conn, name, batch, image_size, steps, params)
+        process = context.Process(target=torch_worker, args=args, daemon=True)
+        process.start()
+    finally:
+        if saved is None:
+            del os.environ["SCALING_MALLOPT"]
+        else:
+            os.environ["SCALING_MALLOPT"] = saved
+
+    def receive():
+        try:
+            return conn.recv()
+        except EOFError:
+            raise ScalingError(
+                f"the PyTorch twin of {name} stopped (exit code {process.exitcode})"
+            ) from None
+
+    def runner(kind):
+        def run():
+            conn.send(kind)
+            receive()
+
+        return run
+
+    try:
+        status, message = receive()
+        if status == "error":
+            raise ScalingError(message)
+        yield runner("train"), runner("eval")
+    finally:
+        if process.is_alive():
+            with contextlib.suppress(OSError):
+                conn.send(None)
+            process.join(timeout=30)
+            if process.is_alive():
+                process.kill()
+
+
 def bench(names, *, batch=128, image_size=32, steps=3, windows=5, dtype=None, compare=None,
           stream=None, echo=print):  # fmt: skip
     """One record per model (see the module docstring); also the machine's facts."""
@@ -286,12 +352,13 @@ def bench(names, *, batch=128, image_size=32, steps=3, windows=5, dtype=None, co
             name, batch, image_size, steps, dtype, stream
         )
         runners = {"jax_train": jax_train, "jax_eval": jax_eval, "input": jax_input}
-        if compare:
-            torch_train, torch_eval = torch_runners(
-                twins, name, batch, image_size, steps, facts["params"]
-            )
-            runners |= {"torch_train": torch_train, "torch_eval": torch_eval}
-        seconds = windows_of(runners, windows)
+        with contextlib.ExitStack() as stack:
+            if compare:
+                torch_train, torch_eval = stack.enter_context(
+                    torch_process(name, batch, image_size, steps, facts["params"])
+                )
+                runners |= {"torch_train": torch_train, "torch_eval": torch_eval}
+            seconds = windows_of(runners, windows)
         rates = {f"{k}_images_per_second": batch * steps / statistics.median(v)
                  for k, v in seconds.items()}  # fmt: skip
         record = dict(model=name, batch=batch, image_size=image_size, **facts, **rates)

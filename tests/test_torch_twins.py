@@ -32,3 +32,15 @@ def test_twin_matches_flax_model(name):
     assert torch.isfinite(loss)
     loss.backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_bench_times_the_twin_in_a_process_of_its_own(monkeypatch):
+    from scaling import ScalingError, bench
+
+    monkeypatch.delenv("SCALING_MALLOPT", raising=False)
+    with bench.torch_process("resnet20", 2, 32, 1, 269_722) as (run_train, run_eval):
+        run_train(), run_eval(), run_train()
+    assert "SCALING_MALLOPT" not in bench.os.environ  # only the child ran with glibc's defaults
+    with pytest.raises(ScalingError, match="twin of resnet20 has 269722 parameters, JAX 5"):
+        with bench.torch_process("resnet20", 2, 32, 1, 5):
+            pass
