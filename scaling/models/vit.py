@@ -74,7 +74,9 @@ class SelfAttention(nnx.Module):
     def __call__(self, x, bias=None):
         b, n, _ = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, -1)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, heads, head size)
+        # (B, N, heads, head size) each. A split's gradient is one concatenate; three indexings'
+        # were three pads and two sums (ViT 3% slower a step on CPU).
+        q, k, v = (t.squeeze(2) for t in jnp.split(qkv, 3, axis=2))
         q = q * (q.shape[-1] ** -0.5)
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
         if bias is not None:
