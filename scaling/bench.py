@@ -15,7 +15,9 @@ With `--compare torch` the PyTorch twins in benchmarks/torch_twins.py (same laye
 parameter count, checked) are timed window by window in turn with the JAX model, on the CPU,
 each twin in a process of its own with glibc's default malloc settings: PyTorch as a user runs
 it. In one process with JAX it ran 20-50% slower (JAX's threads and `import scaling`'s malloc
-settings beside it; README "Performance", change 12).
+settings beside it; README "Performance", change 12). The JAX/PyTorch ratio is the median over
+windows of each window's ratio to its neighbour, with its range: the host's speed drifts by
+more than the libraries differ.
 """
 
 import contextlib
@@ -370,9 +372,11 @@ def bench(names, *, batch=128, image_size=32, steps=3, windows=5, dtype=None, co
         if machine["datasheet_peak_flops"] and dtype == "bfloat16":  # the datasheet's is bf16
             record["datasheet_utilisation"] = achieved / machine["datasheet_peak_flops"]
         if compare:
-            record["jax_over_torch"] = (
-                rates["jax_train_images_per_second"] / rates["torch_train_images_per_second"]
-            )
+            # Window by window: each pair of neighbouring windows saw the same host speed.
+            ratios = [t / j for j, t in zip(seconds["jax_train"], seconds["torch_train"],
+                                            strict=True)]  # fmt: skip
+            record["jax_over_torch"] = statistics.median(ratios)
+            record["jax_over_torch_range"] = [min(ratios), max(ratios)]
         echo(table([record])[-1])
         records.append(record)
     return dict(machine=machine, records=records)
@@ -387,7 +391,8 @@ def table(records) -> list[str]:
                ("peak_memory_bytes", "{:.3g}"), ("input_images_per_second", "{:.0f}"),
                ("input_over_train", "{:.0f}x"), ("torch_train_images_per_second", "{:.1f}"),
                ("torch_eval_images_per_second", "{:.1f}"),
-               ("jax_over_torch", "{:.2f}")]  # fmt: skip
+               ("jax_over_torch", "{:.2f}"),
+               ("jax_over_torch_range", "{0[0]:.2f}-{0[1]:.2f}")]  # fmt: skip
     present = [(c, f) for c, f in columns if any(r.get(c) is not None for r in records)]
     rows = ["| " + " | ".join(c for c, _ in present) + " |", "|" + "---|" * len(present)]
     for r in records:

@@ -1,5 +1,6 @@
 """`scaling bench`: the harness measures what it says (timings are not asserted)."""
 
+import contextlib
 import json
 
 import pytest
@@ -55,6 +56,26 @@ def test_bench_times_batches_gathered_on_the_device(monkeypatch):
     assert result["records"][0]["input_images_per_second"] > 0
     assert copies == [(0, 2**31 - 1)]  # the training set goes to the devices once, as in a run
     assert len(taken) == 2 + 2 * 2  # the warm-up's steps, then each window's
+
+
+def test_torch_ratio_is_taken_window_by_window(monkeypatch):
+    twins = type("Twins", (), {"TWINS": {"resnet8": {}}})
+    monkeypatch.setattr(bench, "load_twins", lambda: twins)
+    monkeypatch.setattr(bench, "torch_process", lambda *args: contextlib.nullcontext((0, 0)))
+    jax_seconds, torch_seconds = [1.0, 2.0, 1.0], [1.5, 2.0, 0.9]  # the host slowed in window 2
+
+    def windows_of(runners, windows):
+        assert set(runners) == {"jax_train", "jax_eval", "input", "torch_train", "torch_eval"}
+        return {k: torch_seconds if k == "torch_train" else jax_seconds for k in runners}
+
+    monkeypatch.setattr(bench, "windows_of", windows_of)
+    monkeypatch.setattr(bench, "measured_peak", lambda dtype: 1e9)
+    result = bench.bench(["resnet8"], batch=8, image_size=8, steps=1, windows=3, compare="torch",
+                         echo=lambda _: 0)  # fmt: skip
+    (record,) = result["records"]
+    assert record["jax_over_torch"] == 1.0  # the median of 1.5, 1.0, 0.9
+    assert record["jax_over_torch_range"] == [0.9, 1.5]
+    assert "| 1.00 | 0.90-1.50 |" in bench.table([record])[-1]
 
 
 @pytest.mark.parametrize(
