@@ -283,6 +283,7 @@ def torch_process(name, batch, image_size, steps, params):
         args = (child_conn, name, batch, image_size, steps, params)
         process = context.Process(target=torch_worker, args=args, daemon=True)
         process.start()
+        child_conn.close()  # the child's end stays open in the child alone: its exit is an EOF
     finally:
         if saved is None:
             del os.environ["SCALING_MALLOPT"]
