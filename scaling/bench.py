@@ -15,9 +15,9 @@ With `--compare torch` the PyTorch twins in benchmarks/torch_twins.py (same laye
 parameter count, checked) are timed window by window in turn with the JAX model, on the CPU,
 each twin in a process of its own with glibc's default malloc settings: PyTorch as a user runs
 it. In one process with JAX it ran 20-50% slower (JAX's threads and `import scaling`'s malloc
-settings beside it; README "Performance", change 12). The JAX/PyTorch ratio is the median over
-windows of each window's ratio to its neighbour, with its range: the host's speed drifts by
-more than the libraries differ.
+settings beside it; README "Performance", change 12). The JAX/PyTorch ratio is the median, over
+the windows, of each JAX window's ratio to the PyTorch window beside it, with its range: the
+host's speed drifts by more than the libraries differ.
 """
 
 import contextlib
@@ -403,6 +403,11 @@ def table(records) -> list[str]:
     return rows
 
 
+TORCH_NOTE = (" Each PyTorch twin ran in a process of its own with glibc's default malloc "
+              "settings; jax_over_torch is the median of the windows' ratios, its range beside "
+              "it.")  # fmt: skip
+
+
 def write(result, out: Path, command: str):
     """out/bench.json and out/README.md (the table, the command and the machine)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -412,6 +417,6 @@ def write(result, out: Path, command: str):
              f"{m['device']} ({m['processor']}, {m['devices']} device(s)), {m['dtype']}, "
              f"jax {m['jax']}" + (f", torch {m['torch']}" if "torch" in m else "") +
              f"; measured matmul peak {m['measured_peak_flops'] / 1e9:.1f} GFLOP/s; "
-             f"input pipeline {m.get('input', 'in memory')}.", "",
+             f"input pipeline {m.get('input', 'in memory')}." + TORCH_NOTE * ("torch" in m), "",
              *table(result["records"]), ""]  # fmt: skip
     (out / "README.md").write_text("\n".join(lines))
