@@ -32,6 +32,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import jax
 import numpy as np
@@ -277,18 +278,11 @@ def torch_process(name, batch, image_size, steps, params):
     its own, started with glibc's malloc defaults (SCALING_MALLOPT=0)."""
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no JAX threads
     conn, child_conn = context.Pipe()
-    saved = os.environ.get("SCALING_MALLOPT")
-    os.environ["SCALING_MALLOPT"] = "0"  # the child inherits the environment as it starts
-    try:
-        args = (child_conn, name, batch, image_size, steps, params)
-        process = context.Process(target=torch_worker, args=args, daemon=True)
+    args = (child_conn, name, batch, image_size, steps, params)
+    process = context.Process(target=torch_worker, args=args, daemon=True)
+    with mock.patch.dict(os.environ, SCALING_MALLOPT="0"):  # inherited as the child starts
         process.start()
-        child_conn.close()  # the child's end stays open in the child alone: its exit is an EOF
-    finally:
-        if saved is None:
-            del os.environ["SCALING_MALLOPT"]
-        else:
-            os.environ["SCALING_MALLOPT"] = saved
+    child_conn.close()  # the child's end stays open in the child alone: its exit is an EOF
 
     def receive():
         try:
@@ -298,18 +292,15 @@ def torch_process(name, batch, image_size, steps, params):
                 f"the PyTorch twin of {name} stopped (exit code {process.exitcode})"
             ) from None
 
-    def runner(kind):
-        def run():
-            conn.send(kind)
-            receive()
-
-        return run
+    def request(kind):
+        conn.send(kind)
+        return receive()
 
     try:
         status, message = receive()
         if status == "error":
             raise ScalingError(message)
-        yield runner("train"), runner("eval")
+        yield functools.partial(request, "train"), functools.partial(request, "eval")
     finally:
         if process.is_alive():
             with contextlib.suppress(OSError):
