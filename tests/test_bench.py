@@ -2,6 +2,8 @@
 
 import contextlib
 import json
+import sys
+import types
 
 import pytest
 from conftest import scaling_cli
@@ -62,6 +64,8 @@ def test_torch_ratio_is_taken_window_by_window(monkeypatch):
     twins = type("Twins", (), {"TWINS": {"resnet8": {}}})
     monkeypatch.setattr(bench, "load_twins", lambda: twins)
     monkeypatch.setattr(bench, "torch_process", lambda *args: contextlib.nullcontext((0, 0)))
+    # CI has no PyTorch: the record only needs its version string from the parent process.
+    monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(__version__="9.9.9"))
     jax_seconds, torch_seconds = [1.0, 2.0, 1.0], [1.5, 2.0, 0.9]  # the host slowed in window 2
 
     def windows_of(runners, windows):
@@ -73,6 +77,7 @@ def test_torch_ratio_is_taken_window_by_window(monkeypatch):
     result = bench.bench(["resnet8"], batch=8, image_size=8, steps=1, windows=3, compare="torch",
                          echo=lambda _: 0)  # fmt: skip
     (record,) = result["records"]
+    assert result["machine"]["torch"] == "9.9.9"
     assert record["jax_over_torch"] == 1.0  # the median of 1.5, 1.0, 0.9
     assert record["jax_over_torch_range"] == [0.9, 1.5]
     assert "| 1.00 | 0.90-1.50 |" in bench.table([record])[-1]
