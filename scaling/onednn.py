@@ -3,8 +3,11 @@
 XLA:CPU's own (Eigen) convolutions run 1.2-4x slower than oneDNN's at CIFAR widths, their
 gradients most (32x32x16 at batch 128: forward 4.5 -> 3.1 ms, both gradients 17.3 -> 4.2), and
 this jaxlib's oneDNN flags do not reach convolutions. So `conv` runs an NHWC float32 convolution
-and its two gradients as XLA FFI custom calls into oneDNN (`onednn_conv.cc`), one call at a
-time, each on all cores (an OpenMP team; set OMP_NUM_THREADS for fewer).
+(grouped too: depthwise ones have oneDNN kernels of their own) and its two gradients as XLA FFI
+custom calls into oneDNN (`onednn_conv.cc`), one call at a time, each on all cores (an OpenMP
+team; set OMP_NUM_THREADS for fewer). `forward`, `input_gradient` and `kernel_gradient` are the
+three calls apart, and `implementation` names the kernel oneDNN picked for one of them, for a
+model to choose between oneDNN and XLA per shape.
 
 oneDNN comes from the `cpu` extra (Intel's `onednn-cpu-gomp` wheels, headers included); the
 calls are compiled on first use with the system's C++ compiler, once per source and jaxlib
@@ -75,26 +78,32 @@ def _build(prefix: Path) -> Path:
 
 
 @functools.cache
-def available() -> bool:
-    """Whether oneDNN's convolutions are registered with XLA (built on first call)."""
+def _library():
+    """The loaded library with its calls registered with XLA (built on first call), or None."""
     if os.environ.get("SCALING_ONEDNN", "1") == "0" or jax.default_backend() != "cpu":
-        return False
+        return None
     prefix = Path(sys.prefix)
     if not (prefix / "include/oneapi/dnnl/dnnl.hpp").exists():
-        return False  # the `cpu` extra is not installed
+        return None  # the `cpu` extra is not installed
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         logging.warning("scaling: no C++ compiler, so XLA's convolutions run instead of oneDNN's")
-        return False
+        return None
     try:
         library = _build(prefix)
     except subprocess.CalledProcessError as error:
         first = (error.stderr or "").strip().splitlines()[:1]
         logging.warning("scaling: building oneDNN's convolutions failed (%s)", first)
-        return False
+        return None
     handle = ctypes.cdll.LoadLibrary(str(library))
     for target, symbol in TARGETS.items():
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(handle, symbol)), "cpu")
-    return True
+    handle.ScalingConvImplementation.restype = ctypes.c_char_p
+    return handle
+
+
+def available() -> bool:
+    """Whether oneDNN's convolutions are registered with XLA (built on first call)."""
+    return _library() is not None
 
 
 def enabled() -> bool:
@@ -157,9 +166,9 @@ def _infer(target, shape, geometry, mesh, arg_shapes, result_shape):
 def _rule(target, shape, geometry, mesh, arg_shapes, result_shape):
     """Only the batch may be sharded: every other dimension is marked for replication."""
     operands, result = {
-        "scaling_conv_forward": ("n h w c, k l c o", "n p q o"),
-        "scaling_conv_input_gradient": ("n p q o, k l c o", "n h w c"),
-        "scaling_conv_kernel_gradient": ("n h w c, n p q o", "k l c o"),
+        "scaling_conv_forward": ("n h w c, k l i o", "n p q o"),
+        "scaling_conv_input_gradient": ("n p q o, k l i o", "n h w c"),
+        "scaling_conv_kernel_gradient": ("n h w c, n p q o", "k l i o"),
     }[target]
     factors = dict.fromkeys(f"{operands} {result}".replace(",", " ").split())  # in order
     settings = {"need_replication_factors": tuple(f for f in factors if f != "n")}
@@ -171,30 +180,54 @@ def _rule(target, shape, geometry, mesh, arg_shapes, result_shape):
 _call.def_partition(partition=_partition, infer_sharding_from_operands=_infer, sharding_rule=_rule)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def conv(x, kernel, strides, padding):
-    """NHWC `x` convolved with an HWIO `kernel` (float32, undilated, ungrouped) by oneDNN;
-    `padding` is ((top, bottom), (left, right))."""
-    if not available():  # registers the calls with XLA on first use
-        raise ScalingError("oneDNN's convolutions are unavailable (see scaling.onednn)")
-    n, h, w, _ = x.shape
-    kh, kw, _, features = kernel.shape
+def _output_shape(x_shape, kernel_shape, strides, padding):
+    (n, h, w, _), (kh, kw, _, features) = x_shape, kernel_shape
     out_h = (h + sum(padding[0]) - kh) // strides[0] + 1
     out_w = (w + sum(padding[1]) - kw) // strides[1] + 1
-    shape = (n, out_h, out_w, features)
+    return (n, out_h, out_w, features)
+
+
+def implementation(target, x_shape, kernel_shape, strides, padding) -> str:
+    """oneDNN's name for the kernel that runs `target` on these shapes, e.g. 'jit_dw:avx512_core'
+    (a kernel for depthwise convolutions)."""
+    (top, bottom), (left, right) = padding
+    dims = (*x_shape, *kernel_shape, *_output_shape(x_shape, kernel_shape, strides, padding),
+            *strides, top, left, bottom, right)  # fmt: skip
+    kind = list(TARGETS).index(target)  # the order of onednn_conv.cc's `Kind`
+    return _library().ScalingConvImplementation(kind, (ctypes.c_int64 * 18)(*dims)).decode()
+
+
+def forward(x, kernel, strides, padding):
+    """NHWC `x` convolved with an HWIO `kernel` (float32, undilated; grouped when the kernel has
+    fewer inputs than `x` has channels) by oneDNN; `padding` is ((top, bottom), (left, right))."""
+    if not available():  # registers the calls with XLA on first use
+        raise ScalingError("oneDNN's convolutions are unavailable (see scaling.onednn)")
+    shape = _output_shape(x.shape, kernel.shape, strides, padding)
     return _call(x, kernel, "scaling_conv_forward", shape, (strides, padding))
 
 
+def input_gradient(dy, kernel, x_shape, strides, padding):
+    return _call(dy, kernel, "scaling_conv_input_gradient", x_shape, (strides, padding))
+
+
+def kernel_gradient(x, dy, kernel_shape, strides, padding):
+    return _call(x, dy, "scaling_conv_kernel_gradient", kernel_shape, (strides, padding))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv(x, kernel, strides, padding):
+    """`forward` with oneDNN's gradients."""
+    return forward(x, kernel, strides, padding)
+
+
 def _conv_fwd(x, kernel, strides, padding):
-    return conv(x, kernel, strides, padding), (x, kernel)
+    return forward(x, kernel, strides, padding), (x, kernel)
 
 
 def _conv_bwd(strides, padding, residuals, dy):
     x, kernel = residuals
-    geometry = (strides, padding)
-    dx = _call(dy, kernel, "scaling_conv_input_gradient", x.shape, geometry)
-    dkernel = _call(x, dy, "scaling_conv_kernel_gradient", kernel.shape, geometry)
-    return dx, dkernel
+    dx = input_gradient(dy, kernel, x.shape, strides, padding)
+    return dx, kernel_gradient(x, dy, kernel.shape, strides, padding)
 
 
 conv.defvjp(_conv_fwd, _conv_bwd)

@@ -1,9 +1,10 @@
 // oneDNN's float32 convolutions as XLA FFI targets for the CPU: forward, input gradient and
-// kernel gradient of an undilated, ungrouped convolution of NHWC images with an HWIO kernel
+// kernel gradient of an undilated (possibly grouped) convolution of NHWC images with an HWIO kernel
 // (Flax's layouts). Built and registered by scaling/onednn.py.
 #include <map>
 #include <mutex>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include <oneapi/dnnl/dnnl.hpp>
@@ -32,6 +33,7 @@ struct Conv {
   memory::desc image, kernel, output, kernel_inner;
   std::optional<dnnl::reorder> kernel_reorder;
   memory kernel_blocked;
+  std::string implementation;  // oneDNN's name for the kernel it chose
 };
 
 // dims: images (N, H, W, C), kernel (KH, KW, I, O), outputs (N, OH, OW, O) as XLA gives them.
@@ -51,8 +53,19 @@ const Conv& Lookup(Kind kind, ffi::Span<const int64_t> image, ffi::Span<const in
                             Tag::nhwc);
   conv.output = memory::desc({output[0], output[3], output[1], output[2]},
                              memory::data_type::f32, Tag::nhwc);
+  // A grouped convolution (depthwise: one input channel per group) has fewer kernel inputs than
+  // the image has channels. oneDNN sees its kernel as (groups, outputs, inputs, KH, KW), here
+  // described by HWIO's strides, whose outputs run group by group.
+  int64_t groups = image[3] / kernel[2], group_outputs = kernel[3] / groups;
   memory::dims kernel_dims = {kernel[3], kernel[2], kernel[0], kernel[1]};
-  conv.kernel = memory::desc(kernel_dims, memory::data_type::f32, Tag::hwio);
+  if (groups == 1) {
+    conv.kernel = memory::desc(kernel_dims, memory::data_type::f32, Tag::hwio);
+  } else {
+    kernel_dims = {groups, group_outputs, kernel[2], kernel[0], kernel[1]};
+    int64_t io = kernel[2] * kernel[3];
+    conv.kernel = memory::desc(kernel_dims, memory::data_type::f32,
+                               memory::dims{group_outputs, 1, kernel[3], kernel[1] * io, io});
+  }
   memory::desc any_kernel(kernel_dims, memory::data_type::f32, Tag::any);
   auto direct = dnnl::algorithm::convolution_direct;
   dnnl::convolution_forward::primitive_desc forward(
@@ -60,18 +73,21 @@ const Conv& Lookup(Kind kind, ffi::Span<const int64_t> image, ffi::Span<const in
       strides, pad_low, pad_high);
   if (kind == kForward) {
     conv.primitive = dnnl::convolution_forward(forward);
+    conv.implementation = forward.impl_info_str();
     conv.kernel_inner = forward.weights_desc();
   } else if (kind == kInputGradient) {
     dnnl::convolution_backward_data::primitive_desc pd(Engine(), direct, conv.image, any_kernel,
                                                        conv.output, strides, pad_low, pad_high,
                                                        forward);
     conv.primitive = dnnl::convolution_backward_data(pd);
+    conv.implementation = pd.impl_info_str();
     conv.kernel_inner = pd.weights_desc();
   } else {
     dnnl::convolution_backward_weights::primitive_desc pd(Engine(), direct, conv.image,
                                                           any_kernel, conv.output, strides,
                                                           pad_low, pad_high, forward);
     conv.primitive = dnnl::convolution_backward_weights(pd);
+    conv.implementation = pd.impl_info_str();
     conv.kernel_inner = pd.diff_weights_desc();
   }
   if (conv.kernel_inner != conv.kernel) {
@@ -95,9 +111,10 @@ struct Operand {
 // time: XLA runs independent operations, and each device of a process, on threads of its own,
 // and OpenMP teams started from two of them at once hung the process (four CoAtNets trained in
 // one program; four host devices).
+std::mutex one_at_a_time;
+
 ffi::Error Convolve(Kind kind, Operand image, Operand kernel, Operand output, int64_t sh,
                     int64_t sw, int64_t pt, int64_t pl, int64_t pb, int64_t pr) {
-  static std::mutex one_at_a_time;
   std::lock_guard<std::mutex> lock(one_at_a_time);
   const Conv& conv =
       Lookup(kind, image.dims, kernel.dims, output.dims, {sh, sw}, {pt, pl}, {pb, pr});
@@ -146,6 +163,18 @@ ffi::Error KernelGradient(F32 image, F32 output_gradient, F32Result kernel_gradi
 }
 
 }  // namespace
+
+// The name of the kernel oneDNN runs for a convolution (e.g. "jit_dw:avx512_core"), for the
+// models to choose between it and XLA. `dims`: the image's, kernel's and output's four
+// dimensions as XLA gives them, then strides (2) and padding (top, left, bottom, right).
+extern "C" const char* ScalingConvImplementation(int kind, const int64_t* dims) {
+  std::lock_guard<std::mutex> lock(one_at_a_time);
+  ffi::Span<const int64_t> image(dims, 4), kernel(dims + 4, 4), output(dims + 8, 4);
+  const int64_t* g = dims + 12;
+  return Lookup(static_cast<Kind>(kind), image, kernel, output, {g[0], g[1]}, {g[2], g[3]},
+                {g[4], g[5]})
+      .implementation.c_str();
+}
 
 #define SCALING_CONV_BINDING                                                             \
   ffi::Ffi::Bind()                                                                     \

@@ -6,11 +6,12 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from conftest import TRAIN_CONFIG, run_python
 from flax import nnx
 
-from scaling import ScalingError, flops, models, scale
+from scaling import ScalingError, flops, models, onednn, scale
 from scaling.config import load_config
 from scaling.models import efficientnet
 from scaling.train import read_metrics, train
@@ -211,11 +212,15 @@ def test_stochastic_depth_only_in_training():
     assert 0 < int(dropped.sum()) < 8  # per example, not per batch
 
 
+FAST_FORMS = ["_depthwise_shift"] + ["_depthwise_onednn"] * onednn.available()
+
+
+@pytest.mark.parametrize("form", FAST_FORMS)
 @pytest.mark.parametrize("size,kernel,stride", [(9, 3, 1), (10, 5, 2), (7, 3, 2), (6, 5, 1)])
-def test_depthwise_shift_form_is_xla_convolution(size, kernel, stride):
-    # The shifted-slice form must be the same function as XLA's grouped convolution, values and
-    # gradients (its own backward pass on CPU; odd and unequal sides and stride 2 check the
-    # 'SAME' padding).
+def test_depthwise_fast_forms_are_xla_convolution(form, size, kernel, stride):
+    # The shifted-slice and oneDNN forms must be the same function as XLA's grouped convolution,
+    # values and gradients (their own backward passes on CPU; odd and unequal sides and stride 2
+    # check the 'SAME' padding).
     x = jax.random.normal(jax.random.key(0), (3, size, size + 1, 8))
     w = jax.random.normal(jax.random.key(1), (kernel, kernel, 1, 8))
 
@@ -226,7 +231,7 @@ def test_depthwise_shift_form_is_xla_convolution(size, kernel, stride):
 
     (y1, g1), (y2, g2) = (
         loss(efficientnet._depthwise_xla)(x, w),
-        loss(efficientnet._depthwise_shift)(x, w),
+        loss(getattr(efficientnet, form))(x, w),
     )
     assert float(y1) == pytest.approx(float(y2), rel=1e-5)
     for a, b in zip(g1, g2, strict=True):
@@ -246,9 +251,26 @@ def test_depthwise_shift_form_is_xla_convolution(size, kernel, stride):
     assert flops.xla_flops(conv, size) > 0 and conv.count_as_conv is False
 
 
+@pytest.mark.skipif(not onednn.available(), reason="the `cpu` extra or a C++ compiler is missing")
+@pytest.mark.parametrize("size,kernel", [(16, 3), (2, 5)])
+def test_onednn_kernel_gradient_only_where_onednn_has_a_depthwise_kernel(size, kernel):
+    # oneDNN's depthwise kernel gradient runs where oneDNN has a kernel for depthwise ones (on this
+    # CPU, 16x16 with 3x3); elsewhere (2x2 with 5x5 here) the loop over examples runs instead.
+    x = jnp.ones((4, size, size, 16))
+    w = jnp.ones((kernel, kernel, 1, 16))
+    geometry = efficientnet._geometry(x.shape, kernel, 1)
+    name = onednn.implementation("scaling_conv_kernel_gradient", x.shape, w.shape, *geometry)
+    loss = lambda x, w: jnp.sum(jnp.sin(efficientnet._depthwise_onednn(x, w, 1)))  # noqa: E731
+    text = jax.jit(jax.grad(loss, (0, 1))).lower(x, w).compile().as_text()
+    assert "scaling_conv_forward" in text and "scaling_conv_input_gradient" in text
+    assert ("scaling_conv_kernel_gradient" in text) == name.startswith("jit_dw")
+    assert ("while" in text) == (not name.startswith("jit_dw"))
+
+
 def test_depthwise_gradient_with_the_batch_sharded_over_devices():
-    # The kernel gradient loops over examples in groups, one per device: with the batch sharded
-    # over 4 devices it must still equal XLA's convolution gradient, and be computed sharded.
+    # The shift form's kernel gradient loops over examples in groups, one per device; oneDNN's
+    # calls run per device: with the batch sharded over 4 devices both must still equal XLA's
+    # convolution gradient, and be computed sharded.
     out = run_python(
         """
 import jax, jax.numpy as jnp
@@ -261,16 +283,19 @@ w = jax.random.normal(jax.random.key(1), (3, 3, 1, 16))
 def grads(conv):
     f = jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.sin(conv(x, w, 1))), (0, 1)))
     return f, f(x, w)
-f, (dx, dw) = grads(efficientnet._depthwise_shift)
 _, (dx0, dw0) = grads(efficientnet._depthwise_xla)
-print(float(jnp.abs(dx - dx0).max()), float(jnp.abs(dw - dw0).max()))
-print("all-gather" in f.lower(x, w).compile().as_text())
-""",
+for form in FORMS:
+    f, (dx, dw) = grads(getattr(efficientnet, form))
+    print(float(jnp.abs(dx - dx0).max()), float(jnp.abs(dw - dw0).max()))
+    print("all-gather" in f.lower(x, w).compile().as_text())
+""".replace("FORMS", repr(FAST_FORMS)),
         devices=4,
     )
-    dx_error, dw_error, gathers = out.split()
-    assert float(dx_error) < 1e-5 and float(dw_error) < 1e-4
-    assert gathers == "False"
+    results = out.split()
+    assert len(results) == 3 * len(FAST_FORMS)
+    for dx_error, dw_error, gathers in zip(*[iter(results)] * 3, strict=True):
+        assert float(dx_error) < 1e-5 and float(dw_error) < 1e-4
+        assert gathers == "False"
 
 
 @pytest.mark.parametrize(
@@ -306,3 +331,25 @@ def test_digits_learns(tmp_path):
     curve = [r["loss"] for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
     assert curve[-1] < 0.3 * curve[0]  # measured: 2.86 -> 0.13
     assert summary["test_accuracy"] > 0.4  # chance is 0.1; measured 0.62
+
+
+@pytest.mark.skipif(not onednn.available(), reason="the `cpu` extra or a C++ compiler is missing")
+def test_onednn_depthwise_keeps_the_loss_curve(tmp_path, monkeypatch):
+    # The same seed trains to the same losses with oneDNN's depthwise kernels as with the
+    # shifted-slice form they replaced on CPU.
+    arg = "model=efficientnet_cifar,image_size=16,steps=6,batch_size=32,lr=0.02"
+    config = load_config(f"{TRAIN_CONFIG}:{arg}")
+    config.model.update(dict(width_coefficient=0.5, depth_coefficient=0.25))
+    config.log_every = 1
+
+    def curve(run):
+        train(config, tmp_path / run)
+        return [r["loss"] for r in read_metrics(tmp_path / run / "metrics.jsonl") if "loss" in r]
+
+    ours = curve("onednn")
+    monkeypatch.setattr(efficientnet, "_depthwise_onednn", efficientnet._depthwise_shift)
+    shift = curve("shift")
+    assert len(ours) == 6 and ours[-1] != ours[0]
+    # Summed in another order: the bounds of test_performance's convolution flag test.
+    np.testing.assert_allclose(ours[:3], shift[:3], rtol=1e-5)
+    np.testing.assert_allclose(ours, shift, rtol=5e-4)

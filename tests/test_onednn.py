@@ -47,6 +47,30 @@ def test_conv_is_xlas_convolution(shape, kernel, stride, padding):
     assert "scaling_conv_kernel_gradient" in loss(ours).lower(x, w).compile().as_text()
 
 
+@pytest.mark.parametrize("groups,features", [(2, 6), (4, 4), (4, 8)])
+def test_grouped_conv_is_xlas_grouped_convolution(groups, features):
+    # A kernel with fewer inputs than the image has channels is grouped: depthwise (4 groups of
+    # one channel) with one or two outputs per group, and two groups of two channels.
+    x = jax.random.normal(jax.random.key(0), (3, 9, 7, 4))
+    w = jax.random.normal(jax.random.key(1), (3, 3, 4 // groups, features))
+    padding = ((1, 1), (0, 1))
+
+    def loss(conv):
+        return jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(jnp.sin(conv(x, w))), (0, 1)))
+
+    def xla(x, w):
+        return lax.conv_general_dilated(x, w, (2, 1), padding, dimension_numbers=resnet.NHWC,
+                                        feature_group_count=groups)  # fmt: skip
+
+    (y1, g1), (y2, g2) = (
+        loss(xla)(x, w),
+        loss(lambda x, w: onednn.conv(x, w, (2, 1), padding))(x, w),
+    )
+    assert float(y2) == pytest.approx(float(y1), rel=1e-5)
+    for a, b in zip(g2, g1, strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-4)
+
+
 def test_resnets_train_with_it_and_count_xlas_flops():
     # ResNet's convolutions go to oneDNN on CPU; FLOPs are still counted on XLA's convolutions,
     # since XLA's cost analysis counts a custom call as free.
