@@ -130,13 +130,42 @@ def test_on_cpu_only_matrix_products_are_kept_for_the_backward_pass(tiny, monkey
     x = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
     graphdef, params, rest = nnx.split(tiny, nnx.Param, ...)
     loss = lambda p, r: nnx.merge(graphdef, p, r, copy=True)(x).sum()  # noqa: E731
-    assert "policy=DotsSaveable" in str(jax.make_jaxpr(jax.grad(loss))(params, rest))
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss))(params, rest))
+    assert vit.MATRIX_PRODUCTS.__qualname__ == "save_from_both_policies.<locals>.policy"
+    assert "policy=<function save_from_both_policies.<locals>.policy" in jaxpr
+    # qkv, attention logits, projection and two MLP layers: products written out for the CPU,
+    # kept by name.
+    assert jaxpr.count("name=cpu_products") == 5
     kept = jax.grad(loss)(params, rest)
     monkeypatch.setattr(vit, "block_apply", lambda remat: vit.apply_block)  # keep everything
     assert "remat" not in str(jax.make_jaxpr(jax.grad(loss))(params, rest))
     everything = jax.grad(loss)(params, rest)
     for a, b in zip(jax.tree.leaves(kept), jax.tree.leaves(everything), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def sin_sum_and_grads(f, a, b):
+    return jax.value_and_grad(lambda a, b: jnp.sum(jnp.sin(f(a, b))), (0, 1))(a, b)
+
+
+def test_cpu_products_are_the_plain_ones():
+    # The attention logits and nnx.Linear's product, with the backward passes written out for
+    # XLA:CPU's fast layouts: the same functions, values and gradients, as the plain einsums.
+    q, k, dense = (jax.random.normal(jax.random.key(i), (3, 5, 2, 4)) for i in range(3))
+    w = jax.random.normal(jax.random.key(3), (4, 7))
+    numbers = (((3,), (0,)), ((), ()))
+    pairs = [(vit._cpu_logits, vit._logits, q, k),
+             (lambda x, w: vit.dense_product(x, w, numbers),
+              lambda x, w: jax.lax.dot_general(x, w, numbers), dense, w)]  # fmt: skip
+    for ours, plain, a, b in pairs:
+        (y1, g1), (y2, g2) = (sin_sum_and_grads(f, a, b) for f in (ours, plain))
+        assert float(y1) == pytest.approx(float(y2), rel=1e-5)
+        for x, y in zip(g1, g2, strict=True):
+            np.testing.assert_allclose(x, y, atol=1e-5)
+    # Other contractions are lax.dot_general's own.
+    other = (((0,), (0,)), ((), ()))
+    x = jax.random.normal(jax.random.key(4), (4, 3))
+    np.testing.assert_array_equal(vit.dense_product(x, w, other), jax.lax.dot_general(x, w, other))
 
 
 def test_dropout_and_stochastic_depth_only_in_training(tiny):
