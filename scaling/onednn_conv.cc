@@ -1,6 +1,6 @@
 // oneDNN's float32 convolutions as XLA FFI targets for the CPU: forward, input gradient and
-// kernel gradient of an undilated (possibly grouped) convolution of NHWC images with an HWIO kernel
-// (Flax's layouts). Built and registered by scaling/onednn.py.
+// kernel gradient of an undilated (possibly grouped) convolution of NHWC images with an HWIO
+// kernel (Flax's layouts). Built and registered by scaling/onednn.py.
 #include <map>
 #include <mutex>
 #include <optional>
@@ -57,15 +57,13 @@ const Conv& Lookup(Kind kind, ffi::Span<const int64_t> image, ffi::Span<const in
   // the image has channels. oneDNN sees its kernel as (groups, outputs, inputs, KH, KW), here
   // described by HWIO's strides, whose outputs run group by group.
   int64_t groups = image[3] / kernel[2], group_outputs = kernel[3] / groups;
-  memory::dims kernel_dims = {kernel[3], kernel[2], kernel[0], kernel[1]};
-  if (groups == 1) {
-    conv.kernel = memory::desc(kernel_dims, memory::data_type::f32, Tag::hwio);
-  } else {
-    kernel_dims = {groups, group_outputs, kernel[2], kernel[0], kernel[1]};
-    int64_t io = kernel[2] * kernel[3];
-    conv.kernel = memory::desc(kernel_dims, memory::data_type::f32,
-                               memory::dims{group_outputs, 1, kernel[3], kernel[1] * io, io});
-  }
+  int64_t io = kernel[2] * kernel[3];
+  memory::dims kernel_dims =
+      groups == 1 ? memory::dims{kernel[3], kernel[2], kernel[0], kernel[1]}
+                  : memory::dims{groups, group_outputs, kernel[2], kernel[0], kernel[1]};
+  conv.kernel = groups == 1 ? memory::desc(kernel_dims, memory::data_type::f32, Tag::hwio)
+                            : memory::desc(kernel_dims, memory::data_type::f32,
+                                           {group_outputs, 1, kernel[3], kernel[1] * io, io});
   memory::desc any_kernel(kernel_dims, memory::data_type::f32, Tag::any);
   auto direct = dnnl::algorithm::convolution_direct;
   dnnl::convolution_forward::primitive_desc forward(
