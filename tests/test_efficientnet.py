@@ -198,7 +198,7 @@ def test_stochastic_depth_only_in_training():
     assert [b.drop.rate for b in blocks] == pytest.approx([0.2 * i / 16 for i in range(16)])
     # One block with an identity skip, at rate 0.5: in training each example either keeps the
     # branch or gets exactly its input back; in eval the branch is always kept.
-    layers = efficientnet.Layers(None, "shift", 0.99, nnx.Rngs(0))
+    layers = efficientnet.Layers(None, "shift", "same", 0.99, nnx.Rngs(0))
     block = efficientnet.MBConv(16, 16, expand=6, kernel=3, stride=1, drop_rate=0.5, layers=layers)
     forward = nnx.jit(lambda block, x: block(x))
     x = jax.random.normal(jax.random.key(0), (8, 8, 8, 16))
@@ -216,17 +216,18 @@ FAST_FORMS = ["_depthwise_shift"] + ["_depthwise_onednn"] * onednn.available()
 
 
 @pytest.mark.parametrize("form", FAST_FORMS)
+@pytest.mark.parametrize("padding", ["same", "symmetric"])
 @pytest.mark.parametrize("size,kernel,stride", [(9, 3, 1), (10, 5, 2), (7, 3, 2), (6, 5, 1)])
-def test_depthwise_fast_forms_are_xla_convolution(form, size, kernel, stride):
+def test_depthwise_fast_forms_are_xla_convolution(form, padding, size, kernel, stride):
     # The shifted-slice and oneDNN forms must be the same function as XLA's grouped convolution,
     # values and gradients (their own backward passes on CPU; odd and unequal sides and stride 2
-    # check the 'SAME' padding).
+    # check the padding, which differs between the two kinds at even sides).
     x = jax.random.normal(jax.random.key(0), (3, size, size + 1, 8))
     w = jax.random.normal(jax.random.key(1), (kernel, kernel, 1, 8))
 
     def loss(conv):
         return jax.jit(
-            jax.value_and_grad(lambda x, w: jnp.sum(jnp.sin(conv(x, w, stride))), (0, 1))
+            jax.value_and_grad(lambda x, w: jnp.sum(jnp.sin(conv(x, w, stride, padding))), (0, 1))
         )
 
     (y1, g1), (y2, g2) = (
@@ -242,6 +243,7 @@ def test_depthwise_fast_forms_are_xla_convolution(form, size, kernel, stride):
         kernel,
         stride,
         impl="shift",
+        padding=padding,
         kernel_init=efficientnet.depthwise_init,
         dtype=None,
         rngs=nnx.Rngs(0),
@@ -258,9 +260,9 @@ def test_onednn_kernel_gradient_only_where_onednn_has_a_depthwise_kernel(size, k
     # CPU, 16x16 with 3x3); elsewhere (2x2 with 5x5 here) the loop over examples runs instead.
     x = jnp.ones((4, size, size, 16))
     w = jnp.ones((kernel, kernel, 1, 16))
-    geometry = efficientnet._geometry(x.shape, kernel, 1)
+    geometry = efficientnet._geometry(x.shape, kernel, 1, "same")
     name = onednn.implementation("scaling_conv_kernel_gradient", x.shape, w.shape, *geometry)
-    loss = lambda x, w: jnp.sum(jnp.sin(efficientnet._depthwise_onednn(x, w, 1)))  # noqa: E731
+    loss = lambda x, w: jnp.sum(jnp.sin(efficientnet._depthwise_onednn(x, w, 1, "same")))  # noqa: E731
     text = jax.jit(jax.grad(loss, (0, 1))).lower(x, w).compile().as_text()
     assert "scaling_conv_forward" in text and "scaling_conv_input_gradient" in text
     assert ("scaling_conv_kernel_gradient" in text) == name.startswith("jit_dw")
@@ -281,7 +283,7 @@ x = jax.random.normal(jax.random.key(0), (8, 6, 6, 16))
 x = jax.device_put(x, NamedSharding(mesh, P("data")))
 w = jax.random.normal(jax.random.key(1), (3, 3, 1, 16))
 def grads(conv):
-    f = jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.sin(conv(x, w, 1))), (0, 1)))
+    f = jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.sin(conv(x, w, 1, "same"))), (0, 1)))
     return f, f(x, w)
 _, (dx0, dw0) = grads(efficientnet._depthwise_xla)
 for form in FORMS:

@@ -6,8 +6,8 @@ S0 is a conv stem at 1/2 resolution (`depths[0]` 3x3 convs, the first strided); 
 first block of every stage halves the resolution. `VIT_REL` is the paper's all-attention
 baseline: a patch-16 convolution, then `depths[0]` transformer blocks with relative attention.
 
-- MBConv (pre-norm): x <- Proj(Pool(x)) + Conv1x1(SE(DWConv3x3(Conv1x1(BN(x), stride 2)))),
-  BatchNorm + GELU after the first two convs, expansion 4. The paper strides the first 1x1 conv.
+- MBConv (pre-norm): x <- Proj(Pool(x)) + Conv1x1(SE(DWConv3x3(Conv1x1(BN(x))))), BatchNorm +
+  GELU after the first two convs, expansion 4; a stage's first block strides its depthwise conv.
 - T block: x <- Proj(Pool(x)) + Attention(Pool(LN(x))); x <- x + FFN(LN(x)), FFN expansion 4.
   Attention over the stage's whole H x W map, head size 32, plus a learned bias per head and
   relative offset: a (2H-1) x (2W-1) table gathered by offset (`relative_bias`).
@@ -21,13 +21,19 @@ they follow the authors' later MaxViT code release):
 - the T block's first-of-stage attention widens the tokens in its qkv projection (cin -> cout);
 - the pre-logits layer (`pre_logits=True`) of the last width: without it every size falls
   0.6-2.4M short of the paper's counts, with it they land within 1%;
-- "Pool" is a 2x2 average pool (ceil mode), "Proj" a 1x1 conv with bias.
+- "Pool" is a 2x2 average pool (ceil mode), "Proj" a 1x1 conv with bias;
+- a downsampling MBConv strides its depthwise 3x3 conv (`stride_on='depthwise'`), convolutions
+  pad symmetrically (`padding='symmetric'`), LayerNorms use epsilon 1e-6 and BatchNorms 1e-5.
+With these defaults `coatnet_0` computes timm's `coatnet_0_224` (tests/test_reference.py).
+`stride_on='expansion'` strides the first 1x1 conv instead, the literal reading of the paper's
+downsampling equation (its Eq. 5 applies the stride-2 "Conv" to the whole MBConv branch, and
+MBConv's first conv is the 1x1 expansion); it runs the expansion at a quarter of the pixels of
+a stage's first block and was this library's default before timm's was adopted.
 These give CoAtNet-0..4 25,036,820 / 42,225,776 / 74,701,256 / 167,003,320 / 275,462,344
 parameters and 4.14 / 8.24 / 15.55 / 34.49 / 60.35 GMACs at 224 (the paper: 25 / 42 / 75 / 168 /
 275M and 4.2 / 8.4 / 15.7 / 34.7 G for CoAtNet-0..3; its FLOPs are multiply-adds, and
-attention's two matrix products are counted here). The first 1x1 conv strides, as in the
-paper's downsampling equation; timm strides the depthwise conv instead, which runs the expansion
-at 4x the pixels in a stage's first block.
+attention's two matrix products are counted here, as is the expansion of a stage's first
+block at the full resolution of its input).
 
 The relative-bias tables are sized by each stage's feature map, so the network is built for one
 resolution (`image_size`); `resize(model, image_size)` returns it at another, each table
@@ -48,6 +54,7 @@ from flax import nnx
 
 from scaling import ScalingError
 from scaling.models.efficientnet import DepthwiseConv, conv_general_dilated
+from scaling.models.resnet import PADDINGS, conv_padding
 from scaling.models.vit import Mlp, SelfAttention, gelu
 
 # name -> (blocks per stage L, channels D) for S0..S4, Table 3 of the paper.
@@ -59,12 +66,13 @@ SIZES = {
     4: ((2, 2, 12, 28, 2), (192, 192, 384, 768, 1536)),
 }
 LAYOUTS = ("CCCC", "CCCT", "CCTT", "CTTT", "VIT_REL")
+STRIDE_ON = ("depthwise", "expansion")  # which conv of a downsampling MBConv strides
 NAMES = "coatnet_{0,1,2,3,4}, coatnet (settings layout, depths, dims)"
 VIT_REL_DEFAULTS = ((12,), (384,))  # ViT-S sized when no depths/dims are given
 
 conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 dense_init = nnx.initializers.xavier_uniform()
-LN_EPSILON = 1e-5
+LN_EPSILON = 1e-6  # timm's coatnet_0_224 (the MaxViT code's); BatchNorm's is 1e-5
 
 
 def _pool(x):
@@ -76,12 +84,13 @@ def _batch_norm(channels, dtype, rngs):
     return nnx.BatchNorm(channels, momentum=0.9, epsilon=1e-5, dtype=dtype, rngs=rngs)
 
 
-def _conv(cin, cout, kernel, *, rngs, dtype, stride=1, bias=False):
+def _conv(cin, cout, kernel, *, rngs, dtype, stride=1, bias=False, padding="symmetric"):
     return nnx.Conv(
         cin,
         cout,
         (kernel, kernel),
         strides=stride,
+        padding="VALID" if padding == "valid" else conv_padding((kernel, kernel), padding),
         use_bias=bias,
         kernel_init=conv_init,
         dtype=dtype,
@@ -126,23 +135,47 @@ class SqueezeExcite(nnx.Module):
 
 
 class MBConv(nnx.Module):
-    """Pre-norm inverted bottleneck with squeeze-excitation; the first 1x1 conv strides."""
+    """Pre-norm inverted bottleneck with squeeze-excitation; the depthwise conv strides (or the
+    first 1x1 conv, `stride_on='expansion'`)."""
 
-    def __init__(self, cin, cout, stride, *, expansion, se_ratio, stochastic_depth, dtype, rngs):
+    def __init__(
+        self,
+        cin,
+        cout,
+        stride,
+        *,
+        expansion,
+        se_ratio,
+        stride_on,
+        padding,
+        stochastic_depth,
+        dtype,
+        rngs,
+    ):
         hidden = expansion * cout  # expansion on the output channels (see the module docstring)
         self.stride = stride
+        on_expansion = stride_on == "expansion"
         self.shortcut = nnx.data(
             _conv(cin, cout, 1, bias=True, dtype=dtype, rngs=rngs)
             if stride > 1 or cin != cout
             else None
         )
         self.norm0 = _batch_norm(cin, dtype, rngs)
-        self.conv1 = _conv(cin, hidden, 1, stride=stride, dtype=dtype, rngs=rngs)
+        self.conv1 = _conv(
+            cin, hidden, 1, stride=stride if on_expansion else 1, dtype=dtype, rngs=rngs
+        )
         self.norm1 = _batch_norm(hidden, dtype, rngs)
         # EfficientNet's depthwise conv: oneDNN's or shifted slices, 5-10x faster than XLA's
         # on CPU.
         self.conv2 = DepthwiseConv(
-            hidden, 3, 1, impl="shift", kernel_init=conv_init, dtype=dtype, rngs=rngs
+            hidden,
+            3,
+            1 if on_expansion else stride,
+            impl="shift",
+            padding=padding,
+            kernel_init=conv_init,
+            dtype=dtype,
+            rngs=rngs,
         )
         self.norm2 = _batch_norm(hidden, dtype, rngs)
         self.se = SqueezeExcite(hidden, max(1, int(se_ratio * cout)), dtype=dtype, rngs=rngs)
@@ -258,6 +291,12 @@ def plan(layout, depths, dims, image_size, small_images, settings):
             raise ScalingError(f"CoAtNet {key} must be a positive integer, got {value!r}")
     if not 0 < settings["se_ratio"] <= 1:
         raise ScalingError(f"se_ratio must be in (0, 1], got {settings['se_ratio']}")
+    if settings["stride_on"] not in STRIDE_ON:
+        raise ScalingError(
+            f"unknown stride_on {settings['stride_on']!r}; valid: {', '.join(STRIDE_ON)}"
+        )
+    if settings["padding"] not in PADDINGS:
+        raise ScalingError(f"unknown padding {settings['padding']!r}; valid: {', '.join(PADDINGS)}")
     for key in ("dropout", "attention_dropout", "stochastic_depth"):
         if not 0 <= settings[key] < 1:
             raise ScalingError(f"{key} must be in [0, 1), got {settings[key]}")
@@ -296,6 +335,8 @@ def make_block(kind, cin, cout, stride, grid, *, rate, settings, dtype, rngs):
             stride,
             expansion=settings["expansion"],
             se_ratio=settings["se_ratio"],
+            stride_on=settings["stride_on"],
+            padding=settings["padding"],
             stochastic_depth=rate,
             dtype=dtype,
             rngs=rngs,
@@ -317,15 +358,23 @@ class Stem(nnx.Module):
     """S0: `layers` 3x3 convs (the first strided unless small_images), BN + GELU between them;
     the first block's pre-norm follows the last. VIT_REL: one patch x patch conv, stride patch."""
 
-    def __init__(self, cin, width, layers, *, vit_rel, small_images, dtype, rngs):
+    def __init__(self, cin, width, layers, *, vit_rel, small_images, padding, dtype, rngs):
         if vit_rel:
             patch = patch_size(small_images)
-            convs = [_conv(cin, width, patch, stride=patch, bias=True, dtype=dtype, rngs=rngs)]
+            convs = [
+                _conv(
+                    cin, width, patch, stride=patch, bias=True, padding="valid", dtype=dtype,
+                    rngs=rngs,
+                )
+            ]  # fmt: skip
         else:
             convs = [
-                _conv(c, width, 3, stride=1 if i or small_images else 2, dtype=dtype, rngs=rngs)
+                _conv(
+                    c, width, 3, stride=1 if i or small_images else 2, padding=padding,
+                    dtype=dtype, rngs=rngs,
+                )
                 for i, c in enumerate([cin] + [width] * (layers - 1))
-            ]
+            ]  # fmt: skip
         self.convs = nnx.List(convs)
         self.norms = nnx.List([_batch_norm(width, dtype, rngs) for _ in convs[1:]])
 
@@ -351,6 +400,8 @@ class CoAtNet(nnx.Module):
         head_size=32,
         expansion=4,
         se_ratio=0.25,
+        stride_on="depthwise",
+        padding="symmetric",
         dropout=0.0,
         attention_dropout=0.0,
         stochastic_depth=0.0,
@@ -364,6 +415,8 @@ class CoAtNet(nnx.Module):
             head_size=head_size,
             expansion=expansion,
             se_ratio=se_ratio,
+            stride_on=stride_on,
+            padding=padding,
             dropout=dropout,
             attention_dropout=attention_dropout,
             stochastic_depth=stochastic_depth,
@@ -376,6 +429,7 @@ class CoAtNet(nnx.Module):
             depths[0],
             vit_rel=layout == "VIT_REL",
             small_images=small_images,
+            padding=padding,
             dtype=dtype,
             rngs=rngs,
         )
@@ -426,6 +480,8 @@ def count_params(
     head_size=32,
     expansion=4,
     se_ratio=0.25,
+    stride_on="depthwise",
+    padding="symmetric",
     pre_logits=True,
     in_channels=3,
     dropout=0.0,
@@ -442,6 +498,8 @@ def count_params(
         head_size=head_size,
         expansion=expansion,
         se_ratio=se_ratio,
+        stride_on=stride_on,
+        padding=padding,
         dropout=dropout,
         attention_dropout=attention_dropout,
         stochastic_depth=stochastic_depth,
@@ -458,6 +516,7 @@ def count_params(
         depths[0],
         vit_rel=vit_rel,
         small_images=small_images,
+        padding=padding,
         dtype=None,
     )
     width = blocks[-1][2]

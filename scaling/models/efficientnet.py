@@ -16,7 +16,11 @@ One baseline (B0, the `STAGES` table) and one rule for scaling it, as in the ref
   the blocks of every stage through `scaling.scale.round_repeats` (ceil). `phi` sets both by
   compound scaling from B0 (depth 1.2**phi, width 1.1**phi; feed images of
   `scale.round_resolution(224, 1.15**phi)`). Resolution is the data's `image_size`: the network
-  is resolution-agnostic (global average pooling) and convs pad 'SAME' (output = ceil(in/stride)).
+  is resolution-agnostic (global average pooling) and convs pad as TensorFlow's 'SAME' (output =
+  ceil(in/stride); an even-sized input is padded less on the near side when a conv strides), so
+  the defaults compute timm's `tf_efficientnet_b0` (tests/test_reference.py);
+  `padding='symmetric'` pads (k - 1) // 2 on every side, as timm's PyTorch-trained
+  `efficientnet_b0` (whose BatchNorm epsilon, 1e-5, also differs).
 - Classifier: global average pool, dropout (`dropout`, the variant's rate), `self.head` Linear.
 - Depthwise convolutions: XLA's grouped convolution is slow on CPU (forward and backward alike).
   By default (`depthwise='shift'`) they run on CPU in float32 as oneDNN's depthwise kernels
@@ -50,6 +54,7 @@ from jax import lax
 
 from scaling import ScalingError, onednn
 from scaling.models import resnet
+from scaling.models.resnet import conv_padding
 from scaling.scale import compound_coefficients, round_filters, round_repeats
 
 # The B0 baseline, stage by stage: (expansion ratio, kernel, stride, output channels, blocks).
@@ -92,37 +97,48 @@ dense_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_out", "uniform")
 class Layers:
     """The conv/norm/dense constructors shared by one network's blocks."""
 
-    def __init__(self, dtype, depthwise, bn_momentum, rngs):
-        self.dtype, self.depthwise = dtype, depthwise
-        self.conv = functools.partial(
-            nnx.Conv,
-            use_bias=False,
-            kernel_init=conv_init,
-            dtype=dtype,
-            conv_general_dilated=conv_general_dilated,
-            rngs=rngs,
-        )
+    def __init__(self, dtype, depthwise, padding, bn_momentum, rngs):
+        self.dtype, self.depthwise, self.padding = dtype, depthwise, padding
+        self.rngs = rngs
         self.norm = functools.partial(
             nnx.BatchNorm, momentum=bn_momentum, epsilon=1e-3, dtype=dtype, rngs=rngs
         )
         self.dense = functools.partial(nnx.Linear, kernel_init=conv_init, dtype=dtype, rngs=rngs)
-        self.rngs = rngs
+
+    def conv(self, cin, cout, kernel, strides=1):
+        return nnx.Conv(
+            cin,
+            cout,
+            kernel,
+            strides=strides,
+            padding=conv_padding(kernel, self.padding),
+            use_bias=False,
+            kernel_init=conv_init,
+            dtype=self.dtype,
+            conv_general_dilated=conv_general_dilated,
+            rngs=self.rngs,
+        )
 
 
-def _depthwise_xla(x, kernel, stride):
-    """Depthwise 'SAME' convolution as one XLA grouped convolution."""
+def _depthwise_xla(x, kernel, stride, padding):
+    """Depthwise convolution as one XLA grouped convolution."""
+    k = kernel.shape[0]
     return lax.conv_general_dilated(
         x,
         kernel,
         (stride, stride),
-        "SAME",
+        [_pads(size, k, stride, padding)[0] for size in x.shape[1:3]],
         dimension_numbers=("NHWC", "HWIO", "NHWC"),
         feature_group_count=x.shape[-1],
     )
 
 
-def _same_pads(size, k, stride):
-    """'SAME' padding (before, after) of one spatial side, and the output size."""
+def _pads(size, k, stride, padding):
+    """The padding (before, after) of one spatial side, and the output size: TensorFlow's 'SAME'
+    (`padding='same'`) or (k - 1) // 2 on both sides (`'symmetric'`, as PyTorch code pads)."""
+    if padding == "symmetric":
+        before = (k - 1) // 2
+        return (before, before), (size + 2 * before - k) // stride + 1
     out = -(-size // stride)
     total = max((out - 1) * stride + k - size, 0)
     return (total // 2, total - total // 2), out
@@ -148,14 +164,14 @@ def _correlate(padded, kernel, stride, out_shape):
     return out
 
 
-def _shift_sum(x, kernel, stride):
+def _shift_sum(x, kernel, stride, padding):
     k, (h, w) = kernel.shape[0], x.shape[1:3]
-    (ph, oh), (pw, ow) = _same_pads(h, k, stride), _same_pads(w, k, stride)
+    (ph, oh), (pw, ow) = _pads(h, k, stride, padding), _pads(w, k, stride, padding)
     padded = jnp.pad(x, ((0, 0), ph, pw, (0, 0)))
     return _correlate(padded, kernel, stride, (oh, ow)).astype(x.dtype)
 
 
-def _kernel_gradient(x, dy, k, stride):
+def _kernel_gradient(x, dy, k, stride, padding):
     """d(loss)/d(kernel) of `_shift_sum`: for each tap, the sum over batch and pixels of the
     tap's slice times `dy`. A loop over the examples adds each one's products to k*k
     accumulators the size of one output image: XLA's reductions over the batch read the k*k
@@ -163,7 +179,7 @@ def _kernel_gradient(x, dy, k, stride):
     5-10x slower. Examples go in `groups` side by side (the device count, when it divides the
     batch) so that a batch sharded over devices stays sharded."""
     (n, h, w, c), (oh, ow) = x.shape, dy.shape[1:3]
-    (ph, _), (pw, _) = _same_pads(h, k, stride), _same_pads(w, k, stride)
+    (ph, _), (pw, _) = _pads(h, k, stride, padding), _pads(w, k, stride, padding)
     groups = math.gcd(n, jax.device_count())
     xs = x.reshape(groups, n // groups, h, w, c)
     dys = dy.reshape(groups, n // groups, oh, ow, c)
@@ -179,24 +195,24 @@ def _kernel_gradient(x, dy, k, stride):
     return jnp.stack([s.sum((0, 1, 2)) for s in sums]).reshape(k, k, 1, c)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _depthwise_shift(x, kernel, stride):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _depthwise_shift(x, kernel, stride, padding):
     """The same convolution as a sum over the k*k taps of shifted, strided slices of the padded
     input times per-channel weights: elementwise work that XLA fuses into one loop, 5-15x faster
     than its grouped convolution on CPU. Accumulates in float32. The backward pass keeps only
     `x`: left to autodiff, XLA saved all k*k slices for the kernel gradient (9 copies of the
     input for a 3x3 kernel) and summed each over the batch in a separate reduction."""
-    return _shift_sum(x, kernel, stride)
+    return _shift_sum(x, kernel, stride, padding)
 
 
-def _depthwise_shift_fwd(x, kernel, stride):
-    return _shift_sum(x, kernel, stride), (x, kernel)
+def _depthwise_shift_fwd(x, kernel, stride, padding):
+    return _shift_sum(x, kernel, stride, padding), (x, kernel)
 
 
-def _depthwise_shift_bwd(stride, residuals, dy):
+def _depthwise_shift_bwd(stride, padding, residuals, dy):
     x, kernel = residuals
     k, (h, w), (oh, ow) = kernel.shape[0], x.shape[1:3], dy.shape[1:3]
-    (ph, _), (pw, _) = _same_pads(h, k, stride), _same_pads(w, k, stride)
+    (ph, _), (pw, _) = _pads(h, k, stride, padding), _pads(w, k, stride, padding)
     # The input gradient correlates the flipped kernel with dy spread `stride` apart and
     # padded so that every input pixel sees the outputs it fed.
     spread = [
@@ -211,56 +227,59 @@ def _depthwise_shift_bwd(stride, residuals, dy):
     first = kernel[0, 0, 0, 0]
     padded = lax.cond(first == first, pad, pad, dy)
     dx = _correlate(padded, kernel[::-1, ::-1], 1, (h, w)).astype(x.dtype)
-    return dx, _kernel_gradient(x, dy, k, stride).astype(kernel.dtype)
+    return dx, _kernel_gradient(x, dy, k, stride, padding).astype(kernel.dtype)
 
 
 _depthwise_shift.defvjp(_depthwise_shift_fwd, _depthwise_shift_bwd)
 
 
-def _geometry(x_shape, k, stride):
-    """Strides and 'SAME' padding ((top, bottom), (left, right)) as `onednn` takes them."""
-    pads = tuple(_same_pads(size, k, stride)[0] for size in x_shape[1:3])
+def _geometry(x_shape, k, stride, padding):
+    """Strides and padding ((top, bottom), (left, right)) as `onednn` takes them."""
+    pads = tuple(_pads(size, k, stride, padding)[0] for size in x_shape[1:3])
     return (stride, stride), pads
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _depthwise_onednn(x, kernel, stride):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _depthwise_onednn(x, kernel, stride, padding):
     """oneDNN's depthwise kernels, PyTorch's on CPU: at EfficientNet-B0's shapes (batch 128,
     32x32 images) up to 3-5x faster than `_depthwise_shift` forward and for the input gradient
     (16x16x32: 2.15 -> 0.65 ms forward), the same within noise at 1x1x1152. oneDNN has a
     depthwise kernel gradient only for some shapes (3x3 kernels on images wider than the kernel,
     on this CPU); for the others it runs its general convolution, 2-10x slower than
     `_kernel_gradient`'s loop, which runs instead."""
-    return onednn.forward(x, kernel, *_geometry(x.shape, kernel.shape[0], stride))
+    return onednn.forward(x, kernel, *_geometry(x.shape, kernel.shape[0], stride, padding))
 
 
-def _depthwise_onednn_fwd(x, kernel, stride):
-    return _depthwise_onednn(x, kernel, stride), (x, kernel)
+def _depthwise_onednn_fwd(x, kernel, stride, padding):
+    return _depthwise_onednn(x, kernel, stride, padding), (x, kernel)
 
 
-def _depthwise_onednn_bwd(stride, residuals, dy):
+def _depthwise_onednn_bwd(stride, padding, residuals, dy):
     x, kernel = residuals
-    geometry = _geometry(x.shape, kernel.shape[0], stride)
+    geometry = _geometry(x.shape, kernel.shape[0], stride, padding)
     dx = onednn.input_gradient(dy, kernel, x.shape, *geometry)
     name = onednn.implementation("scaling_conv_kernel_gradient", x.shape, kernel.shape, *geometry)
     if name.startswith("jit_dw"):
         return dx, onednn.kernel_gradient(x, dy, kernel.shape, *geometry)
-    return dx, _kernel_gradient(x, dy, kernel.shape[0], stride)
+    return dx, _kernel_gradient(x, dy, kernel.shape[0], stride, padding)
 
 
 _depthwise_onednn.defvjp(_depthwise_onednn_fwd, _depthwise_onednn_bwd)
 
 
 class DepthwiseConv(nnx.Module):
-    """A bias-free depthwise kxk conv with 'SAME' padding; its kernel has nnx.Conv's layout
+    """A bias-free depthwise kxk conv, `padding` 'same' (TensorFlow's) or 'symmetric' ((k - 1) // 2
+    on every side, PyTorch's); its kernel has nnx.Conv's layout
     (k, k, 1, channels). `impl` 'shift' runs oneDNN's kernels on CPU in float32
     (`_depthwise_onednn`), else the shifted-slice form (`_depthwise_shift`); 'conv' runs XLA's
     grouped convolution. `scaling.flops` sets `count_as_conv` while it counts, because its
     counters read convolutions: both forms are the same function."""
 
-    def __init__(self, channels, kernel, stride, *, impl, kernel_init, dtype, rngs):
+    def __init__(self, channels, kernel, stride, *, impl, padding, kernel_init, dtype, rngs):
         if impl not in ("shift", "conv"):
             raise ScalingError(f"unknown depthwise {impl!r}; valid: shift, conv")
+        conv_padding((kernel, kernel), padding)  # validates it
+        self.padding = padding
         self.kernel = nnx.Param(kernel_init(rngs.params(), (kernel, kernel, 1, channels)))
         self.in_features = self.out_features = channels
         self.stride, self.dtype, self.impl = stride, dtype, impl
@@ -268,13 +287,14 @@ class DepthwiseConv(nnx.Module):
 
     def __call__(self, x):
         x, kernel = promote_dtype((x, self.kernel[...]), dtype=self.dtype)
+        geometry = (self.stride, self.padding)
         if self.impl == "conv" or self.count_as_conv:
-            return _depthwise_xla(x, kernel, self.stride)
+            return _depthwise_xla(x, kernel, *geometry)
         if x.dtype == jnp.float32 and onednn.enabled():  # CPU only
-            return _depthwise_onednn(x, kernel, self.stride)
+            return _depthwise_onednn(x, kernel, *geometry)
         if jax.default_backend() == "cpu":  # a loop over examples suits GPUs and TPUs badly
-            return _depthwise_shift(x, kernel, self.stride)
-        return _shift_sum(x, kernel, self.stride)
+            return _depthwise_shift(x, kernel, *geometry)
+        return _shift_sum(x, kernel, *geometry)
 
 
 class MBConv(nnx.Module):
@@ -289,6 +309,7 @@ class MBConv(nnx.Module):
             kernel,
             stride,
             impl=layers.depthwise,
+            padding=layers.padding,
             kernel_init=depthwise_init,
             dtype=layers.dtype,
             rngs=layers.rngs,
@@ -326,6 +347,7 @@ class EfficientNet(nnx.Module):
         drop_connect_rate=0.2,
         small_images=False,
         depthwise="shift",
+        padding="same",
         bn_momentum=0.99,
         num_classes=1000,
         dtype=None,
@@ -340,7 +362,7 @@ class EfficientNet(nnx.Module):
         for key, rate in rates.items():
             if not 0 <= rate < 1:
                 raise ScalingError(f"{key} must be in [0, 1), got {rate}")
-        layers = Layers(dtype, depthwise, bn_momentum, rngs)
+        layers = Layers(dtype, depthwise, padding, bn_momentum, rngs)
         width = lambda c: round_filters(c, width_coefficient)  # noqa: E731
 
         stem_width = width(STEM_WIDTH)

@@ -9,7 +9,11 @@
   blocks, 16k/32k/64k channels, optional dropout between the two convs (`block_dropout`).
 
 All are one `ResNet` module, so every option (width multiplier, norm, dropout, shortcut kind,
-stage sizes) applies to every name; the tables below only pick the defaults.
+stage sizes, padding) applies to every name; the tables below only pick the defaults. Convolutions
+pad symmetrically (`padding='symmetric'`), as torchvision, timm and the authors' code do;
+`padding='same'` is TensorFlow's. With the defaults, `resnet18/50` compute torchvision's
+functions, `preact_resnet*` timm's `resnetv2_*` and `wrn*` the official WRN code's
+(tests/test_reference.py).
 
 Within a stage every block after the first has the same shapes: with `scan=True` (the default) those
 blocks are a `Stack`, their parameters stacked on a leading axis and applied by `nnx.scan`, so XLA
@@ -188,20 +192,47 @@ def conv_general_dilated(
     return _conv(lhs, rhs, strides, padding)
 
 
+PADDINGS = ("symmetric", "same")
+
+
+def conv_padding(kernel, padding):
+    """nnx.Conv's padding for a `kernel`-sized convolution.
+
+    'symmetric' pads (k - 1) // 2 on every side, as torchvision, timm and the papers' Torch and
+    Caffe code do; 'same' is TensorFlow's, which pads an even-sized input less on the near side
+    when it strides ((2, 3) for a 7x7/2 stem, (0, 1) for a 3x3/2 conv). The two give the same
+    output sizes for odd kernels, so only the function changes, not the shapes.
+    """
+    if padding == "same":
+        return "SAME"
+    if padding == "symmetric":
+        return tuple(((k - 1) // 2, (k - 1) // 2) for k in kernel)
+    raise ScalingError(f"unknown padding {padding!r}; valid: {', '.join(PADDINGS)}")
+
+
 class Layers:
     """The conv/norm constructors shared by one network's blocks."""
 
-    def __init__(self, norm, dtype, rngs):
+    def __init__(self, norm, padding, dtype, rngs):
         self.norm = make_norm(norm, dtype, rngs)
-        self.conv = functools.partial(
-            nnx.Conv,
+        conv_padding((3, 3), padding)  # validate before any layer is built
+        self.padding = padding
+        self.dtype = dtype
+        self.rngs = rngs
+
+    def conv(self, cin, cout, kernel, strides=1):
+        return nnx.Conv(
+            cin,
+            cout,
+            kernel,
+            strides=strides,
+            padding=conv_padding(kernel, self.padding),
             use_bias=False,
             kernel_init=conv_init,
-            dtype=dtype,
+            dtype=self.dtype,
             conv_general_dilated=conv_general_dilated,
-            rngs=rngs,
+            rngs=self.rngs,
         )
-        self.rngs = rngs
 
 
 class BasicBlock(nnx.Module):
@@ -221,10 +252,10 @@ class BasicBlock(nnx.Module):
 
     def __call__(self, x):
         if self.preact:
-            x = nnx.relu(self.norm1(x))
-            y = self.conv1(x)
+            pre = nnx.relu(self.norm1(x))
+            y = self.conv1(pre)
             y = self.conv2(self.dropout(nnx.relu(self.norm2(y))))
-            return y + self.shortcut(x)
+            return y + self.shortcut(x, pre)
         y = nnx.relu(self.norm1(self.conv1(x)))
         y = self.norm2(self.conv2(self.dropout(y)))
         return nnx.relu(y + self.shortcut(x))
@@ -249,11 +280,11 @@ class BottleneckBlock(nnx.Module):
 
     def __call__(self, x):
         if self.preact:
-            x = nnx.relu(self.norm1(x))
-            y = self.conv1(x)
+            pre = nnx.relu(self.norm1(x))
+            y = self.conv1(pre)
             y = self.conv2(nnx.relu(self.norm2(y)))
             y = self.conv3(self.dropout(nnx.relu(self.norm3(y))))
-            return y + self.shortcut(x)
+            return y + self.shortcut(x, pre)
         y = nnx.relu(self.norm1(self.conv1(x)))
         y = nnx.relu(self.norm2(self.conv2(y)))
         y = self.norm3(self.conv3(self.dropout(y)))
@@ -263,8 +294,11 @@ class BottleneckBlock(nnx.Module):
 class Shortcut(nnx.Module):
     """Identity when shapes match; otherwise option A (subsample + zero channels) or B (1x1 conv).
 
-    In pre-activation blocks the projection sees the pre-activated input and has no norm of its
-    own (as in the WRN and preact-ResNet code); in post-activation blocks it is conv + norm.
+    In pre-activation blocks (`pre`, the block's input after norm and ReLU, is given) an identity
+    shortcut adds the raw input, and only a shortcut that changes shape sees the pre-activated
+    one, with no norm of its own: He et al. 2016's full pre-activation, the official WRN code
+    (`z + x`, or `z + convdim(o1)`) and timm's ResNetV2. In post-activation blocks a projection
+    is conv + norm.
     """
 
     def __init__(self, cin, cout, stride, kind, preact, layers):
@@ -277,9 +311,10 @@ class Shortcut(nnx.Module):
         self.proj = nnx.data(layers.conv(cin, cout, (1, 1), strides=stride) if project else None)
         self.proj_norm = nnx.data(layers.norm(cout) if project and not preact else None)
 
-    def __call__(self, x):
+    def __call__(self, x, pre=None):
         if self.identity:
             return x
+        x = x if pre is None else pre
         if self.proj is not None:
             y = self.proj(x)
             return y if self.proj_norm is None else self.proj_norm(y)
@@ -306,6 +341,7 @@ class ResNet(nnx.Module):
         dropout=0.0,
         block_dropout=0.0,
         norm="batch",
+        padding="symmetric",
         scan=True,
         dtype=None,
         in_channels=3,
@@ -324,7 +360,7 @@ class ResNet(nnx.Module):
             raise ScalingError(f"unknown block {block!r}; valid: {', '.join(blocks)}")
         if stem not in ("cifar", "imagenet"):
             raise ScalingError(f"unknown stem {stem!r}; valid: cifar, imagenet")
-        layers = Layers(norm, dtype, rngs)
+        layers = Layers(norm, padding, dtype, rngs)
         # Channels and blocks scale by the rules of scaling.scale (EfficientNet's): channels to
         # multiples of 8 (at least 8, never 10% under), blocks per stage rounded up.
         scale = lambda c: round_filters(c, width_multiplier)  # noqa: E731
