@@ -77,6 +77,9 @@ def get_config(arg=None):
     c.label_smoothing = 0.0
     c.grad_clip_norm = config_dict.placeholder(float)  # global-norm clipping when set
     c.compute_dtype = "float32"  # or bfloat16: activations in bf16, parameters stay float32
+    # Fine-tune from weights written by `scaling import` (a directory): the head is
+    # re-initialised when the number of classes differs, position tables resized to image_size.
+    c.init_from = config_dict.placeholder(str)
 
     c.log_every = 50
     c.eval_every = 0  # steps; 0 evaluates only at the end

@@ -1,6 +1,7 @@
-"""The `scaling` command: info, train, sweep, report, bench and launch.
+"""The `scaling` command: info, import, train, sweep, report, bench and launch.
 
 scaling info MODEL [--image-size S] [--set KEY=VALUE ...]
+scaling import SOURCE --model NAME --out DIR [--image-size S] [--source KIND] [--set KEY=VALUE]
 scaling train --config configs/train.py[:arg] [--config.KEY=VALUE ...] --workdir DIR
 scaling sweep --config configs/STUDY.py[:arg] --workdir DIR [--dry-run] [--parallel N]
 scaling report DIR [DIR ...] [--out OUT] [--notes NOTES.md]
@@ -46,6 +47,33 @@ def info(args):
         settings=settings,
     )
     print(json.dumps(out))
+
+
+def import_weights(args):
+    from scaling import convert, models, pretrained
+    from scaling.config import parse_settings
+
+    settings = parse_settings(args.set)
+    models.abstract(args.model, **settings)  # a bad name or setting fails before any work
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ScalingError(f"{out} exists and is not an empty directory; choose a new --out")
+    if args.image_size is not None and args.image_size < 1:
+        raise ScalingError(f"--image-size must be positive, got {args.image_size}")
+    tensors = convert.read(args.source)
+    source = args.kind or convert.detect_source(tensors)
+    model = convert.import_model(
+        args.model, tensors, source=source, image_size=args.image_size, **settings
+    )
+    settings["num_classes"] = model.head.out_features
+    if (image_size := getattr(model, "image_size", None)) is not None:
+        settings["image_size"] = image_size  # ViT and CoAtNet are built for one resolution
+    pretrained.save(model, args.model, settings, out, source)
+    print(
+        f"{args.model} from {args.source} ({source}, {len(tensors)} tensors, "
+        f"{models.count_params(model):,} parameters) -> {out}; "
+        f"fine-tune with --config.init_from={out}"
+    )
 
 
 def parse_config(config_args):
@@ -193,6 +221,17 @@ def build_parser():
     )
     config_help = "--config FILE.py[:arg] [--config.KEY=VALUE ...] as for big_vision"
 
+    p = sub.add_parser("import", help="convert torchvision/timm/big_vision weights for init_from")
+    p.add_argument("source", help="a .safetensors, .pth (needs torch) or big_vision .npz file")
+    p.add_argument("--model", required=True, help="our model name, e.g. resnet50, vit_b16")
+    p.add_argument("--out", required=True, help="a new directory for the converted weights")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="resize ViT/CoAtNet position tables to this resolution")  # fmt: skip
+    p.add_argument("--source", dest="kind", choices=["torchvision", "timm", "wrn", "big_vision"],
+                   help="the checkpoint's naming; default: detected from its names")  # fmt: skip
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a model setting (e.g. scan=False)")  # fmt: skip
+
     p = sub.add_parser("train", help="train one model", epilog=config_help)
     p.add_argument("--workdir", required=True, help="run directory; resumed if it holds a run")
     p.add_argument("--overwrite", action="store_true", help="replace a run with another config")
@@ -272,11 +311,12 @@ def main(argv=None):
     if args.command in ("train", "info"):
         enable_compilation_cache()
     commands = {"train": train, "sweep": sweep, "launch": launch}
+    plain = {"info": info, "import": import_weights, "report": report, "bench": bench}
     try:
-        if rest and args.command in ("info", "report", "bench"):
+        if rest and args.command in plain:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
-        if args.command in ("info", "report", "bench"):
-            {"info": info, "report": report, "bench": bench}[args.command](args)
+        if args.command in plain:
+            plain[args.command](args)
         else:
             commands[args.command](args, rest)  # the rest is --config and its overrides
     except Diverged as e:

@@ -36,7 +36,7 @@ from jax.sharding import PartitionSpec as P
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
-from scaling import Diverged, ScalingError, data, flops, models
+from scaling import Diverged, ScalingError, data, flops, models, pretrained
 
 OPTIMIZERS = {
     "sgd": optax.sgd,
@@ -457,6 +457,15 @@ def build(config, model_settings, total_steps, pixel_mean, pixel_std) -> Program
     # state without a host-to-device copy of the whole model.
     key = jax.random.key(config.seed)
     state = jax.jit(init_state, out_shardings=replicated)(key, pixel_mean, pixel_std)
+    if config.get("init_from"):  # fine-tuning: imported weights replace the initialisation
+        params, model_state, fresh_head = pretrained.initial_state(
+            config.init_from, state["params"], state["model_state"], config.image_size
+        )
+        if fresh_head:
+            print(f"init_from {config.init_from}: the classifier is re-initialised for "
+                  f"{model_settings['num_classes']} classes")  # fmt: skip
+        weights = jax.device_put(dict(params=params, model_state=model_state), replicated)
+        state = {**state, **weights}
     reset_sums = jax.jit(
         lambda s: {**s, "metric_sums": ZERO_SUMS}, donate_argnums=0, out_shardings=replicated
     )
@@ -492,6 +501,8 @@ def train(config: ml_collections.ConfigDict, workdir, *, overwrite=False, stop_a
         raise ScalingError(f"batch_size {config.batch_size} is not divisible by {devices} devices")
     model_settings = settings_of(config)
     models.abstract(config.model.name, **model_settings)  # a bad name or setting fails before I/O
+    if config.get("init_from"):
+        pretrained.check(config.init_from, config.model.name, model_settings)
     prepare_workdir(workdir, config, overwrite)
 
     ds = (data.open_stream if config.stream else data.load)(
