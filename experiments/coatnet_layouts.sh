@@ -2,7 +2,7 @@
 # Study 3, CoAtNet stage layouts at matched parameters on CIFAR-10: generalization gap on a
 # small subset against fitting capacity on the full set, then its report in
 # results/coatnet_layouts/. The CPU budget (32x32, ~0.7M parameters, 300 steps of 64, 2 seeds)
-# took 43 minutes on 2 cores (VIT_REL did not fit); on an accelerator raise it, e.g.
+# took 26-44 minutes on 2 cores (VIT_REL did not fit); on an accelerator raise it, e.g.
 # BUDGET=steps=20000,batch_size=128,params=25000000,depths=2+2+3+5+2,small_subset=5000,seeds=3,vit_rel=True
 set -e
 SCALING=${SCALING:-.venv/bin/scaling}

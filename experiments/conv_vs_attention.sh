@@ -1,7 +1,7 @@
 #!/bin/sh
 # Study 2, conv vs attention data efficiency on nested CIFAR-10 subsets, then its report in
 # results/conv_vs_attention/. The CPU budget (32x32, ~0.7M-parameter models, 300 steps of 64,
-# 4 subset sizes, 2 seeds) took 67 minutes on 2 cores (shared with other work for 23 of them);
+# 4 subset sizes, 2 seeds) took 34 minutes on an idle 2-core EPYC (67 on a shared Xeon);
 # on an accelerator raise it,
 # e.g. BUDGET=steps=20000,batch_size=128,sizes=2500+5000+10000+25000+50000,params=1200000,seeds=3
 set -e

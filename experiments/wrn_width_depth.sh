@@ -1,6 +1,6 @@
 #!/bin/sh
 # Study 1, WRN width vs depth on CIFAR-10, then its report in results/wrn_width_depth/.
-# The CPU budget (16x16 images, 400 steps of 64, 2 seeds) took 29 minutes on 2 cores;
+# The CPU budget (16x16 images, 400 steps of 64, 2 seeds) took 29-38 minutes on 2 cores;
 # on an accelerator raise it, e.g. BUDGET=image_size=32,steps=39000,batch_size=128,seeds=3.
 set -e
 SCALING=${SCALING:-.venv/bin/scaling}
