@@ -66,8 +66,11 @@ def import_weights(args):
         args.model, tensors, source=source, image_size=args.image_size, **settings
     )
     settings["num_classes"] = model.head.out_features
-    if (image_size := getattr(model, "image_size", None)) is not None:
-        settings["image_size"] = image_size  # ViT and CoAtNet are built for one resolution
+    # What the importer read off the checkpoint, so that `init_from` rebuilds the same model:
+    # ViT and CoAtNet are built for one resolution, a ViT pools or not, a CoAtNet has a layout.
+    for key in ("image_size", "pool", "layout"):
+        if (value := getattr(model, key, None)) is not None:
+            settings[key] = value
     pretrained.save(model, args.model, settings, out, source)
     print(
         f"{args.model} from {args.source} ({source}, {len(tensors)} tensors, "

@@ -728,7 +728,10 @@ def export(model, name: str, source: str) -> dict[str, np.ndarray]:
     for rule in rules:
         slot = slots[rule.ours]
         value = state[slot.path] if slot.index is None else state[slot.path][slot.index]
-        out.update(zip(rule.refs, map(np.asarray, rule.transform.to_ref(value)), strict=True))
+        # Row-major copies: safetensors writes an array's buffer as if it were (a transposed
+        # view's is not, and its file would hold the wrong values).
+        values = map(np.ascontiguousarray, rule.transform.to_ref(value))
+        out.update(zip(rule.refs, values, strict=True))
     return out
 
 

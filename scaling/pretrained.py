@@ -61,16 +61,14 @@ def check(directory, name: str, settings: dict) -> dict:
         raise ScalingError(
             f"init_from {directory} holds {manifest['model']} weights, not {name} ones"
         )
-    own = {k: v for k, v in manifest["settings"].items() if k not in ("num_classes", "image_size")}
     run = {k: v for k, v in settings.items() if k not in ("num_classes", "image_size", "dtype")}
     ours = models.abstract(name, **{**manifest["settings"], **run})
     theirs = models.abstract(name, **manifest["settings"])
-    mismatch = _mismatches(nnx.state(theirs), nnx.state(ours))
-    if mismatch:
+    if mismatch := _mismatches(nnx.state(theirs), nnx.state(ours)):
         path, theirs_shape, ours_shape = mismatch[0]
         raise ScalingError(
             f"init_from {directory}: {path} is {theirs_shape} there but {ours_shape} with this "
-            f"run's model settings {sorted(set(run) - set(own)) or ''}".rstrip()
+            "run's model settings"
         )
     return manifest
 

@@ -132,3 +132,25 @@ def test_import_and_init_from_refuse_bad_input_before_any_work(tmp_path):
         assert done.returncode == 2 and len(lines) == 1 and message in lines[0], done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full", "w.safetensors"]
     assert (tmp_path / "full" / "mine.txt").read_text() == "keep"
+
+
+def test_import_records_what_it_read_off_the_checkpoint(tmp_path):
+    # A pooled (no class token) ViT at 32x32: `init_from` must rebuild that model, not the
+    # name's default (a class token at 224), from what `scaling import` wrote.
+    from safetensors.numpy import save_file
+
+    from scaling import cli
+
+    model = models.create("vit_ti16", image_size=32, pool="gap", depth=2, num_classes=7)
+    save_file(convert.export(model, "vit_ti16", "timm"), tmp_path / "vit.safetensors")
+    out = tmp_path / "imported"
+    cli.main(["import", str(tmp_path / "vit.safetensors"), "--model", "vit_ti16", "--out",
+              str(out), "--set", "depth=2"])  # fmt: skip
+    restored = pretrained.restore(out)
+    assert (restored.pool, restored.image_size, restored.head.out_features) == ("gap", 32, 7)
+    weights = nnx.Any(nnx.Param, nnx.BatchStat)
+    ours = dict(nnx.to_flat_state(nnx.state(model, weights)))
+    theirs = dict(nnx.to_flat_state(nnx.state(restored, weights)))
+    assert ours.keys() == theirs.keys()
+    for path, variable in ours.items():
+        np.testing.assert_array_equal(variable.get_value(), theirs[path].get_value(), str(path))

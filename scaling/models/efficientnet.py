@@ -54,7 +54,7 @@ from jax import lax
 
 from scaling import ScalingError, onednn
 from scaling.models import resnet
-from scaling.models.resnet import conv_padding
+from scaling.models.resnet import bias_free_conv, conv_padding
 from scaling.scale import compound_coefficients, round_filters, round_repeats
 
 # The B0 baseline, stage by stage: (expansion ratio, kernel, stride, output channels, blocks).
@@ -100,24 +100,17 @@ class Layers:
     def __init__(self, dtype, depthwise, padding, bn_momentum, rngs):
         self.dtype, self.depthwise, self.padding = dtype, depthwise, padding
         self.rngs = rngs
+        self.conv = functools.partial(
+            bias_free_conv,
+            padding=padding,
+            convolution=conv_general_dilated,
+            dtype=dtype,
+            rngs=rngs,
+        )
         self.norm = functools.partial(
             nnx.BatchNorm, momentum=bn_momentum, epsilon=1e-3, dtype=dtype, rngs=rngs
         )
         self.dense = functools.partial(nnx.Linear, kernel_init=conv_init, dtype=dtype, rngs=rngs)
-
-    def conv(self, cin, cout, kernel, strides=1):
-        return nnx.Conv(
-            cin,
-            cout,
-            kernel,
-            strides=strides,
-            padding=conv_padding(kernel, self.padding),
-            use_bias=False,
-            kernel_init=conv_init,
-            dtype=self.dtype,
-            conv_general_dilated=conv_general_dilated,
-            rngs=self.rngs,
-        )
 
 
 def _depthwise_xla(x, kernel, stride, padding):

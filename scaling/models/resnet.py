@@ -210,29 +210,36 @@ def conv_padding(kernel, padding):
     raise ScalingError(f"unknown padding {padding!r}; valid: {', '.join(PADDINGS)}")
 
 
+def bias_free_conv(cin, cout, kernel, strides=1, *, padding, convolution, dtype, rngs):
+    """A conv without bias (a norm follows it), He-initialised, padded by `padding`'s rule."""
+    return nnx.Conv(
+        cin,
+        cout,
+        kernel,
+        strides=strides,
+        padding=conv_padding(kernel, padding),
+        use_bias=False,
+        kernel_init=conv_init,
+        dtype=dtype,
+        conv_general_dilated=convolution,
+        rngs=rngs,
+    )
+
+
 class Layers:
     """The conv/norm constructors shared by one network's blocks."""
 
     def __init__(self, norm, padding, dtype, rngs):
         self.norm = make_norm(norm, dtype, rngs)
         conv_padding((3, 3), padding)  # validate before any layer is built
-        self.padding = padding
-        self.dtype = dtype
-        self.rngs = rngs
-
-    def conv(self, cin, cout, kernel, strides=1):
-        return nnx.Conv(
-            cin,
-            cout,
-            kernel,
-            strides=strides,
-            padding=conv_padding(kernel, self.padding),
-            use_bias=False,
-            kernel_init=conv_init,
-            dtype=self.dtype,
-            conv_general_dilated=conv_general_dilated,
-            rngs=self.rngs,
+        self.conv = functools.partial(
+            bias_free_conv,
+            padding=padding,
+            convolution=conv_general_dilated,
+            dtype=dtype,
+            rngs=rngs,
         )
+        self.rngs = rngs
 
 
 class BasicBlock(nnx.Module):
