@@ -5,9 +5,9 @@ shapes and multiply-adds, and exactly as many trainable parameters (BatchNorm sc
 count; running statistics are buffers). Inputs are NCHW. Initialisation is PyTorch's default
 (cost and shapes do not depend on it). Differences that are in the frameworks, not the networks:
 
-- Flax convolutions pad 'SAME', which for a strided kxk conv on an even input pads one pixel
-  more after than before; the twins pad k//2 on both sides, as PyTorch models do. Output shapes
-  (ceil(in / stride)) and costs are the same; the sampling grid is shifted by a pixel.
+- EfficientNet's Flax convolutions pad as TensorFlow's 'SAME' (one pixel more after than
+  before for a strided conv on an even input); its twin pads k//2 on both sides, as PyTorch
+  models do. Output shapes (ceil(in / stride)) and costs are the same.
 - Attention runs through `F.scaled_dot_product_attention` (PyTorch's fused kernels; the
   relative-position bias as an additive mask) where Flax writes out einsum/softmax/einsum: the
   same computation.
@@ -124,10 +124,10 @@ class BasicBlock(nn.Module):
         self.shortcut = Shortcut(cin, cout, stride, shortcut, preact)
 
     def forward(self, x):
-        if self.preact:
-            x = F.relu(self.norm1(x))
-            y = self.conv2(F.relu(self.norm2(self.conv1(x))))
-            return y + self.shortcut(x)
+        if self.preact:  # an identity shortcut adds the raw input
+            pre = F.relu(self.norm1(x))
+            y = self.conv2(F.relu(self.norm2(self.conv1(pre))))
+            return y + self.shortcut(x if self.shortcut.identity else pre)
         y = F.relu(self.norm1(self.conv1(x)))
         y = self.norm2(self.conv2(y))
         return F.relu(y + self.shortcut(x))
@@ -248,12 +248,12 @@ class ViT(nn.Module):
 
 
 # CoAtNet: conv stem (S0), MBConv (C) and relative-attention (T) stages S1-S4, each starting
-# with a stride-2 block; BatchNorm epsilon 1e-5, LayerNorm epsilon 1e-5, GELU.
+# with a stride-2 block; BatchNorm epsilon 1e-5, LayerNorm epsilon 1e-6, GELU.
 
 
 class CoAtMBConv(nn.Module):
-    """Pre-norm MBConv: shortcut = proj(pool(x)); branch = BN, 1x1 (strided) to 4 x cout, BN,
-    GELU, depthwise 3x3, BN, GELU, SE to cout/4, 1x1 with bias."""
+    """Pre-norm MBConv: shortcut = proj(pool(x)); branch = BN, 1x1 to 4 x cout, BN, GELU,
+    depthwise 3x3 (strided), BN, GELU, SE to cout/4, 1x1 with bias."""
 
     def __init__(self, cin, cout, stride, expansion=4, se_ratio=0.25):
         super().__init__()
@@ -262,9 +262,9 @@ class CoAtMBConv(nn.Module):
         resize = stride > 1 or cin != cout
         self.shortcut = conv(cin, cout, 1, bias=True) if resize else nn.Identity()
         self.norm0 = nn.BatchNorm2d(cin)
-        self.conv1 = conv(cin, hidden, 1, stride)
+        self.conv1 = conv(cin, hidden, 1)
         self.norm1 = nn.BatchNorm2d(hidden)
-        self.conv2 = conv(hidden, hidden, 3, groups=hidden)
+        self.conv2 = conv(hidden, hidden, 3, stride, groups=hidden)
         self.norm2 = nn.BatchNorm2d(hidden)
         self.se = SqueezeExcite(hidden, max(1, int(se_ratio * cout)))
         self.conv3 = conv(hidden, cout, 1, bias=True)
@@ -286,7 +286,7 @@ class RelTransformerBlock(nn.Module):
         self.stride = stride
         resize = stride > 1 or cin != cout
         self.shortcut = conv(cin, cout, 1, bias=True) if resize else nn.Identity()
-        self.norm1 = nn.LayerNorm(cin, eps=1e-5)
+        self.norm1 = nn.LayerNorm(cin, eps=1e-6)
         self.attn = Attention(cin, cout, heads)
         self.rel_bias = nn.Parameter(
             nn.init.trunc_normal_(torch.empty(2 * grid - 1, 2 * grid - 1, heads), std=0.02)
@@ -296,7 +296,7 @@ class RelTransformerBlock(nn.Module):
         ys, xs = ys.flatten(), xs.flatten()
         self.register_buffer("dy", ys[:, None] - ys[None, :] + grid - 1, persistent=False)
         self.register_buffer("dx", xs[:, None] - xs[None, :] + grid - 1, persistent=False)
-        self.norm2 = nn.LayerNorm(cout, eps=1e-5)
+        self.norm2 = nn.LayerNorm(cout, eps=1e-6)
         self.mlp = mlp(cout, 4 * cout)
 
     def forward(self, x):
@@ -331,7 +331,7 @@ class CoAtNet(nn.Module):
                     blocks.append(RelTransformerBlock(cin, cout, stride, size))
                 cin = cout
         self.blocks = nn.Sequential(*blocks)
-        self.norm = nn.LayerNorm(cin, eps=1e-5)
+        self.norm = nn.LayerNorm(cin, eps=1e-6)
         self.pre_logits = nn.Linear(cin, cin)
         self.head = nn.Linear(cin, num_classes)
 
