@@ -61,14 +61,19 @@ def check(directory, name: str, settings: dict) -> dict:
         raise ScalingError(
             f"init_from {directory} holds {manifest['model']} weights, not {name} ones"
         )
+    # The run's model as the run builds it, at the weights' classes and resolution (the two
+    # things `initial_state` adapts): any other difference is a different network.
     run = {k: v for k, v in settings.items() if k not in ("num_classes", "image_size", "dtype")}
-    ours = models.abstract(name, **{**manifest["settings"], **run})
+    adapted = {k: v for k, v in manifest["settings"].items() if k in ("num_classes", "image_size")}
+    ours = models.abstract(name, **adapted, **run)
     theirs = models.abstract(name, **manifest["settings"])
     if mismatch := _mismatches(nnx.state(theirs), nnx.state(ours)):
         path, theirs_shape, ours_shape = mismatch[0]
+        there = "absent" if theirs_shape is None else f"{theirs_shape}"
+        here = "absent" if ours_shape is None else f"{ours_shape}"
         raise ScalingError(
-            f"init_from {directory}: {path} is {theirs_shape} there but {ours_shape} with this "
-            "run's model settings"
+            f"init_from {directory}: {path} is {there} there but {here} with this run's model "
+            "settings (the weights' settings are in its pretrained.json)"
         )
     return manifest
 

@@ -9,6 +9,7 @@ against: TensorFlow's padding, a pre-activated identity shortcut, the other stri
 """
 
 import json
+import re
 
 import jax
 import numpy as np
@@ -17,7 +18,7 @@ import reference
 from conftest import TRAIN_CONFIG, scaling_cli
 from flax import nnx
 
-from scaling import convert, models, pretrained
+from scaling import ScalingError, convert, models, pretrained
 from scaling.config import load_config
 from scaling.models import resnet
 from scaling.train import read_metrics, train
@@ -154,3 +155,20 @@ def test_import_records_what_it_read_off_the_checkpoint(tmp_path):
     assert ours.keys() == theirs.keys()
     for path, variable in ours.items():
         np.testing.assert_array_equal(variable.get_value(), theirs[path].get_value(), str(path))
+
+
+def test_init_from_refuses_weights_of_another_shape(tmp_path):
+    # Weights saved unscanned, or narrower, do not fit the run's model: refused by name, before
+    # the run writes anything; the classes and the resolution are what a run may change.
+    model = models.create("resnet20", num_classes=10, scan=False)
+    pretrained.save(model, "resnet20", dict(num_classes=10, scan=False), tmp_path / "w", "timm")
+    pretrained.check(tmp_path / "w", "resnet20", dict(scan=False, num_classes=3, image_size=8))
+    cases = [
+        ({}, "blocks/1/blocks/conv1/kernel is absent there"),
+        ({"scan": False, "width_multiplier": 2}, "(3, 3, 32, 32)"),
+    ]
+    for settings, message in cases:
+        with pytest.raises(ScalingError, match=re.escape(message)):
+            pretrained.check(tmp_path / "w", "resnet20", settings)
+    with pytest.raises(ScalingError, match="holds resnet20 weights, not resnet32 ones"):
+        pretrained.check(tmp_path / "w", "resnet32", {})
