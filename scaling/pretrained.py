@@ -3,9 +3,9 @@
 `scaling import SOURCE --model NAME --out DIR` converts a reference checkpoint (`scaling.convert`)
 and writes DIR with `pretrained.json` (the model's name and the settings it was built with) and
 `weights/` (an orbax checkpoint of its parameters and BatchNorm statistics). A run fine-tunes
-from it with `--config.init_from=DIR`: every variable is copied into the freshly built model, the
-classifier re-initialised when the number of classes differs, and ViT position embeddings or
-CoAtNet bias tables resized when the resolution does.
+from it with `--config.init_from=DIR`: every parameter and BatchNorm statistic is copied into the
+freshly built model, the classifier re-initialised when the number of classes differs, and ViT
+position embeddings or CoAtNet bias tables resized when the resolution does.
 """
 
 import json
