@@ -754,10 +754,7 @@ def import_model(name, tensors, *, source=None, image_size=None, **settings) -> 
     # Without a resolution of its own (a CoAtNet without attention) it is built at `image_size`.
     model = models.create(name, image_size=own_size or image_size, **settings)
     load(model, name, tensors, source)
-    if image_size is not None and getattr(model, "image_size", image_size) != image_size:
-        resize = vit.resize if family == "vit" else coatnet.resize
-        model = resize(model, image_size)
-    return model
+    return model if image_size is None else models.resize(model, image_size)
 
 
 def _vit_settings(name, source, tensors, settings) -> int:

@@ -17,7 +17,6 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from scaling import ScalingError, models
-from scaling.models import coatnet, vit
 
 MANIFEST = "pretrained.json"
 HEAD = "head"  # every family's classifier, re-initialised for another number of classes
@@ -109,22 +108,11 @@ def restore(directory) -> nnx.Module:
         except Exception as e:  # orbax raises many kinds for a missing or damaged checkpoint
             reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
             raise ScalingError(f"init_from {directory}: unreadable weights ({reason})") from None
-    model = models.create(manifest["model"], **manifest["settings"])
-    nnx.update(model, state["params"], state["model_state"])
-    return model
+    return nnx.merge(nnx.graphdef(abstract), state["params"], state["model_state"])
 
 
 def _as_array_spec(leaf):
     return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype) if hasattr(leaf, "shape") else leaf
-
-
-def resize(model, image_size: int):
-    """`model` for `image_size` inputs: ViT and CoAtNet have resolution-dependent parameters."""
-    if isinstance(model, vit.ViT) and model.image_size != image_size:
-        return vit.resize(model, image_size)
-    if isinstance(model, coatnet.CoAtNet) and model.image_size != image_size:
-        return coatnet.resize(model, image_size)
-    return model
 
 
 def initial_state(directory, params, model_state, image_size: int):
@@ -133,7 +121,7 @@ def initial_state(directory, params, model_state, image_size: int):
     classes (else it keeps its fresh initialisation), resolution-dependent tables resized to
     `image_size`; random-stream state stays the run's own. Returns them and whether the head
     was re-initialised."""
-    imported = resize(restore(directory), image_size)
+    imported = models.resize(restore(directory), image_size)
     weights = nnx.state(imported, nnx.Any(nnx.Param, nnx.BatchStat))
     theirs = {path: var.get_value() for path, var in nnx.to_flat_state(weights)}
     fresh_head = False

@@ -58,6 +58,16 @@ def abstract(name: str, **settings) -> nnx.Module:
         raise ScalingError(str(e).splitlines()[0]) from None
 
 
+def resize(model: nnx.Module, image_size: int) -> nnx.Module:
+    """`model` for `image_size` inputs: ViT's position embeddings and CoAtNet's bias tables
+    resized (the families with resolution-dependent parameters); any other model unchanged."""
+    if isinstance(model, vit.ViT) and model.image_size != image_size:
+        return vit.resize(model, image_size)
+    if isinstance(model, coatnet.CoAtNet) and model.image_size != image_size:
+        return coatnet.resize(model, image_size)
+    return model
+
+
 def count_params(model: nnx.Module) -> int:
     """Trainable parameters (BatchNorm running statistics are state, not parameters)."""
     leaves = jax.tree.leaves(nnx.state(model, nnx.Param))

@@ -30,10 +30,10 @@ downsampling equation (its Eq. 5 applies the stride-2 "Conv" to the whole MBConv
 MBConv's first conv is the 1x1 expansion); it runs the expansion at a quarter of the pixels of
 a stage's first block and was this library's default before timm's was adopted.
 These give CoAtNet-0..4 25,036,820 / 42,225,776 / 74,701,256 / 167,003,320 / 275,462,344
-parameters and 4.14 / 8.24 / 15.55 / 34.49 / 60.35 GMACs at 224 (the paper: 25 / 42 / 75 / 168 /
-275M and 4.2 / 8.4 / 15.7 / 34.7 G for CoAtNet-0..3; its FLOPs are multiply-adds, and
-attention's two matrix products are counted here, as is the expansion of a stage's first
-block at the full resolution of its input).
+parameters and 4.55 / 8.64 / 16.48 / 36.57 / 62.43 GMACs at 224; with `stride_on='expansion'`
+4.14 / 8.24 / 15.55 / 34.49 / 60.35 (the paper: 25 / 42 / 75 / 168 / 275M and 4.2 / 8.4 / 15.7 /
+34.7 G for CoAtNet-0..3; its FLOPs are multiply-adds, and attention's two matrix products are
+counted here).
 
 The relative-bias tables are sized by each stage's feature map, so the network is built for one
 resolution (`image_size`); `resize(model, image_size)` returns it at another, each table
