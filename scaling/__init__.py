@@ -50,3 +50,10 @@ class Diverged(ScalingError):
     """The training loss became NaN or infinite; `scaling train` then exits with `exit_code`."""
 
     exit_code = 3
+
+
+class Stopped(Exception):  # noqa: N818 (a state, not a fault)
+    """Training stopped on SIGTERM or Ctrl-C after writing a checkpoint: resumable. `scaling
+    train` then exits with `exit_code` (EX_TEMPFAIL), which a sweep reads as "still pending"."""
+
+    exit_code = 75

@@ -18,7 +18,7 @@ from pathlib import Path
 from absl import flags
 from ml_collections import config_flags
 
-from scaling import Diverged, ScalingError
+from scaling import Diverged, ScalingError, Stopped
 
 
 def info(args):
@@ -81,6 +81,13 @@ def import_weights(args):
 
 def parse_config(config_args):
     """The ConfigDict of `--config FILE.py[:arg] [--config.KEY=VALUE ...]` (absl, as big_vision)."""
+    from scaling.config import load_config
+
+    for i, arg in enumerate(config_args):  # the file's own errors, as one line each
+        if arg == "--config" and i + 1 < len(config_args):
+            load_config(config_args[i + 1])
+        elif arg.startswith("--config="):
+            load_config(arg.removeprefix("--config="))
     fv = flags.FlagValues()
     config_flags.DEFINE_config_file("config", None, "Config file.", flag_values=fv)
     try:
@@ -113,12 +120,17 @@ def train(args, config_args):
     from ml_collections import ConfigDict
 
     from scaling import train as trainer
+    from scaling.rundir import recorded_config
 
+    if not args.workdir:
+        raise ScalingError("--workdir is empty")
+    if args.stop_after is not None and args.stop_after < 1:
+        raise ScalingError(f"--stop-after must be >= 1 (steps), got {args.stop_after}")
     workdir = Path(args.workdir)
     if config_args:
         config = parse_config(config_args)
-    elif (workdir / "config.json").exists():  # resume a run from its directory alone
-        config = ConfigDict(json.loads((workdir / "config.json").read_text()))
+    elif (workdir / "config.json").is_file():  # resume a run from its directory alone
+        config = ConfigDict(recorded_config(workdir))
     else:
         raise ScalingError(f"{workdir} holds no run: give --config")
     start_distributed(args)
@@ -138,6 +150,8 @@ def train(args, config_args):
 def sweep(args, config_args):
     from scaling import sweep as sweeps
 
+    if args.parallel < 1:
+        raise ScalingError(f"--parallel must be >= 1, got {args.parallel}")
     study = parse_config(config_args)
     index, _, count = args.shard.partition("/")
     if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
@@ -174,6 +188,10 @@ def bench(args):
                         ("--steps", args.steps), ("--windows", args.windows)]:  # fmt: skip
         if value < 1:
             raise ScalingError(f"{name} must be positive, got {value}")
+    if args.out:
+        from scaling.rundir import check_writable
+
+        check_writable(Path(args.out), "--out")
     result = benchmarks.bench(
         args.models, batch=args.batch, image_size=args.image_size, steps=args.steps,
         windows=args.windows, dtype=args.dtype, compare=args.compare, stream=args.stream,
@@ -311,11 +329,11 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if args.command in ("train", "info"):
-        enable_compilation_cache()
     commands = {"train": train, "sweep": sweep, "launch": launch}
     plain = {"info": info, "import": import_weights, "report": report, "bench": bench}
     try:
+        if args.command in ("train", "info"):
+            enable_compilation_cache()
         if rest and args.command in plain:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         if args.command in plain:
@@ -325,6 +343,12 @@ def main(argv=None):
     except Diverged as e:
         print(f"scaling {args.command}: diverged: {e}", file=sys.stderr)
         sys.exit(Diverged.exit_code)
+    except Stopped as e:
+        print(f"scaling {args.command}: {e}; run the same command to resume", file=sys.stderr)
+        sys.exit(Stopped.exit_code)
+    except KeyboardInterrupt:
+        print(f"scaling {args.command}: interrupted", file=sys.stderr)
+        sys.exit(130)
     except ScalingError as e:
         print(f"scaling {args.command}: error: {str(e).splitlines()[0]}", file=sys.stderr)
         sys.exit(2)

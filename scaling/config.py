@@ -2,7 +2,10 @@
 
 import ast
 import importlib.util
+import math
 from pathlib import Path
+
+import ml_collections
 
 from scaling import ScalingError
 
@@ -50,11 +53,103 @@ def parse_settings(items: list[str]) -> dict:
 
 
 def load_config(spec: str):
-    """The ConfigDict of 'path/to/config.py[:arg]', as `--config` would give it."""
+    """The ConfigDict of 'path/to/config.py[:arg]', as `--config` would give it. Every way a
+    config file can fail (missing, a syntax error, no get_config, get_config raising or returning
+    something else) is one ScalingError naming the file."""
     path, _, arg = spec.partition(":")
     if not Path(path).is_file():
         raise ScalingError(f"config file {path} does not exist")
-    module_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg or None)
+    try:
+        module_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    except Exception as e:  # whatever the file's own code raises
+        raise ScalingError(f"config file {path} fails to load: {_describe(e)}") from None
+    if not callable(getattr(module, "get_config", None)):
+        raise ScalingError(f"config file {path} defines no get_config(arg)")
+    try:
+        config = module.get_config(arg or None)
+    except ScalingError:
+        raise
+    except Exception as e:
+        raise ScalingError(f"config file {path}: get_config failed: {_describe(e)}") from None
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ScalingError(
+            f"config file {path}: get_config returned a {type(config).__name__}, not a ConfigDict"
+        )
+    return config
+
+
+def _describe(error: BaseException) -> str:
+    text = str(error).strip().splitlines()  # a SyntaxError's names the line
+    return f"{type(error).__name__}: {text[0][:200]}" if text else type(error).__name__
+
+
+# ---- Checking a training config before any work ----
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+# key: (test, what the valid values are); a missing key is not checked (older configs).
+_SETTINGS = {
+    "seed": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "data_seed": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "image_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "dataset": (
+        lambda v: isinstance(v, str) and v != "",
+        "digits, folder:PATH, tfds:NAME or synthetic",
+    ),
+    "data_fraction": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "train_examples": (lambda v: v is None or _is_int(v) and v >= 1, "None or an integer >= 1"),
+    "holdout_fraction": (lambda v: _is_number(v) and 0 < v < 1, "a number in (0, 1)"),
+    "stream": (lambda v: isinstance(v, bool), "True or False"),
+    "data_on_device": (lambda v: v is None or isinstance(v, bool), "None, True or False"),
+    "batch_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "eval_batch_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "num_steps": (lambda v: v is None or _is_int(v) and v >= 1, "None or an integer >= 1"),
+    "num_epochs": (lambda v: v is None or _is_number(v) and v > 0, "None or a number > 0"),
+    "lr": (lambda v: _is_number(v) and v > 0, "a number > 0"),
+    "weight_decay": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    "label_smoothing": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "grad_clip_norm": (lambda v: v is None or _is_number(v) and v > 0, "None or a number > 0"),
+    "schedule.warmup_steps": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "schedule.decay_factor": (lambda v: _is_number(v) and v > 0, "a number > 0"),
+    "schedule.boundaries": (
+        lambda v: (
+            isinstance(v, list | tuple)
+            and all(_is_number(b) and 0 < b < 1 for b in v)
+            and list(v) == sorted(v)
+        ),
+        "increasing fractions of training in (0, 1)",
+    ),
+    "init_from": (lambda v: v is None or isinstance(v, str) and v != "", "None or a directory"),
+    "log_every": (lambda v: _is_int(v) and v >= 1, "an integer >= 1 (steps)"),
+    "eval_every": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (steps; 0: only at the end)"),
+    "checkpoint_every": (lambda v: _is_int(v) and v >= 1, "an integer >= 1 (steps)"),
+    "keep_checkpoints": (
+        lambda v: v is None or _is_int(v) and v >= 1,
+        "None (all) or an integer >= 1",
+    ),
+}
+
+
+def check_training_config(config):
+    """Raise ScalingError naming the first setting outside its valid range, before any work.
+    Names (model, optimizer, schedule, augment, dtype) are checked where they are looked up."""
+    if not all(key in config for key in ("model", "batch_size", "num_steps", "num_epochs")):
+        raise ScalingError("the config is not a training config (a study? use scaling sweep)")
+    for key, (valid, description) in _SETTINGS.items():
+        node, *path = [config, *key.split(".")]
+        for part in path:
+            if not hasattr(node, "keys") or part not in node:
+                break
+            node = node[part]
+        else:
+            if not valid(node):
+                raise ScalingError(f"config.{key}={node!r} is invalid: expected {description}")
+    if (config.num_steps is None) == (config.num_epochs is None):
+        raise ScalingError("set exactly one of config.num_steps and config.num_epochs")

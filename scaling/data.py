@@ -32,9 +32,11 @@ JAX runs threads can deadlock), so a script calling `load` on one needs the usua
 ``if __name__ == "__main__":`` guard.
 
 Bad input raises `ScalingError`: an unknown source, a bad size or fraction, a missing path, a
-path without a ``train`` split or without images, an unknown or unprepared TFDS name. Image
-files that fail to decode are skipped with one warning giving their number and the first of
-them; if no training image decodes, that is a `ScalingError` too.
+path without a ``train`` split or without images, an unknown or unprepared TFDS name, a source
+whose training examples hold only one class, a cache directory that is not a writable
+directory. Image files that fail to decode are skipped with one warning giving their number and
+the first of them; if no training image decodes, that is a `ScalingError` too. A cache file that
+cannot be read (cut short, damaged) is decoded again and rewritten, with one warning line.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ import numpy as np
 from PIL import Image
 
 from scaling import ScalingError
+from scaling.rundir import first_line, warn
 
 SOURCES = "digits, folder:PATH, tfds:NAME, synthetic"
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -161,6 +164,7 @@ def load(
         train, test, class_names = _load_synthetic(image_size, synthetic_classes, seed)
     else:
         raise ScalingError(f"unknown data source {source!r}; valid forms: {SOURCES}")
+    _check_classes(source, class_names, train[1])
     keep, held = _choose(
         train[1], test is None, train_examples, data_fraction, holdout_fraction, seed
     )
@@ -193,6 +197,7 @@ def open_stream(
         )
     else:
         raise ScalingError(f"streaming reads folder:DIR or tfds:NAME sources, not {source!r}")
+    _check_classes(source, class_names, train_labels)
     keep, held = _choose(
         train_labels, test is None, train_examples, data_fraction, holdout_fraction, seed
     )
@@ -249,9 +254,8 @@ def _tfds_labels(source, cache_dir) -> np.ndarray:
     identity = (_CACHE_VERSION, info.full_name, info.data_dir, source.split, len(source))
     key = _sha256(repr(identity).encode())[:20]
     cache_file = cache_directory(cache_dir) / f"tfds-labels-{key}.npz"
-    if cache_file.exists():
-        with np.load(cache_file) as cached:
-            return cached["labels"]
+    if (cached := _read_cache(cache_file, ("labels",))) is not None:
+        return cached["labels"]
     labels = _tfds_labels_pass(source)
     _save_atomic(cache_file, {"labels": labels})
     return labels
@@ -276,6 +280,19 @@ def _check_settings(image_size, train_examples, data_fraction, holdout_fraction)
         raise ScalingError("give train_examples or data_fraction, not both")
     if train_examples is not None and train_examples < 1:
         raise ScalingError(f"train_examples must be at least 1, got {train_examples!r}")
+
+
+def _check_classes(source: str, class_names, labels: np.ndarray | None = None) -> None:
+    """Refuse a source with fewer than two classes (of `class_names`, or of those that `labels`,
+    the training labels, hold): a classifier of one class is always right, so its run would
+    report a test accuracy of 1.0 and mean nothing. Checked on the names before any decoding,
+    and on the labels after it (a class whose every image failed to decode is not there)."""
+    present = class_names if labels is None else [class_names[i] for i in np.unique(labels)]
+    if len(present) < 2:
+        only = ", ".join(map(str, present)) or "none"
+        raise ScalingError(
+            f"data source {source} has only one class ({only}); classification needs at least two"
+        )
 
 
 def _choose(labels, carve, train_examples, data_fraction, holdout_fraction, seed):
@@ -322,13 +339,25 @@ def nested_subset_order(labels: np.ndarray, seed: int) -> np.ndarray:
 
 
 def cache_directory(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
-    """`cache_dir`, else $SCALING_CACHE_DIR, else ~/.cache/scaling; created if missing."""
+    """`cache_dir`, else $SCALING_CACHE_DIR, else ~/.cache/scaling; created if missing.
+
+    A path that is a file, or a directory this process cannot write, is refused here, before any
+    decoding, rather than after it when the cache is written. Writing is tried (a file created
+    and removed), since permission bits do not tell: root ignores them, read-only mounts do not
+    show in them."""
     default = pathlib.Path.home() / ".cache" / "scaling"
     path = pathlib.Path(cache_dir or os.environ.get("SCALING_CACHE_DIR") or default).expanduser()
+    remedy = "set SCALING_CACHE_DIR (or cache_dir) to a writable directory"
+    if path.exists() and not path.is_dir():
+        raise ScalingError(f"cache directory {path} is not a directory; {remedy}")
     try:
         path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path, prefix=".write-test"):
+            pass
     except OSError as error:
-        raise ScalingError(f"cannot create cache directory {path}: {error.strerror}") from error
+        reason = error.strerror or first_line(error)
+        message = f"cache directory {path} is not writable ({reason}); {remedy}"
+        raise ScalingError(message) from error
     return path
 
 
@@ -403,9 +432,11 @@ def _tfds_sources(name: str):
     # info.splits is empty under tfds.testing.mock_data, which serves any split name.
     splits = set(builder.info.splits) or {"train", "test"}
     test_split = next((split for split in ("test", "validation") if split in splits), None)
+    class_names = tuple(features["label"].names)
+    _check_classes(f"tfds:{name}", class_names)
     train = _tfds_source(builder, "train")
     test = _tfds_source(builder, test_split) if test_split else None
-    return train, test, tuple(features["label"].names)
+    return train, test, class_names
 
 
 def _tfds_source(builder, split: str):
@@ -451,10 +482,8 @@ def _load_folder(location: str, size: int, cache_dir) -> Splits:
 
     key = _sha256(f"v{_CACHE_VERSION}\0{size}\0{content_digest}".encode())[:20]
     cache_file = cache_directory(cache_dir) / f"{path.name.split('.')[0]}-{size}px-{key}.npz"
-    if cache_file.exists():
-        with np.load(cache_file) as cached:
-            arrays = {name: cached[name] for name in cached.files}
-    else:
+    arrays = _read_cache(cache_file, ("train_images", "train_labels", "class_names", "skipped"))
+    if arrays is None:
         arrays = _decode_tree(_archive_files(path) if files is None else files, location, size)
         _save_atomic(cache_file, arrays)
 
@@ -532,6 +561,7 @@ def _folder_layout(names, location: str) -> tuple[dict[str, list], list[str]]:
     if "train" not in by_split:
         raise ScalingError(f"folder source {location} has no train/<class>/ images")
     class_names = sorted({class_name for class_name, _ in by_split["train"]})
+    _check_classes(f"folder:{location}", class_names)
     test_split = next((split for split in _TEST_SPLITS if split in by_split), None)
     splits = {"train": by_split["train"]} | ({"test": by_split[test_split]} if test_split else {})
     for split, entries in splits.items():
@@ -565,6 +595,25 @@ def _decode_chunk(files: list[bytes | pathlib.Path], size: int) -> tuple[np.ndar
                 images[i] = _square_rgb(image, size)
             decoded[i] = True
     return images, decoded
+
+
+def _read_cache(path: pathlib.Path, needed: tuple[str, ...]) -> dict[str, np.ndarray] | None:
+    """The arrays of a cache file; None if it is absent or unreadable. A damaged file (cut short
+    by a full disk or an interrupted copy, overwritten) is decoded again and replaced, with one
+    warning, rather than failing every run that reads it."""
+    if not path.exists():
+        return None
+    try:
+        with np.load(path) as cached:
+            arrays = {name: cached[name] for name in cached.files}
+        missing = [name for name in needed if name not in arrays]
+        if missing:
+            raise ValueError(f"it lacks {', '.join(missing)}")
+    # np.load raises BadZipFile, EOFError, ValueError (no npz at all), OSError...
+    except Exception as error:
+        warn(f"cache file {path} is unreadable ({first_line(error)}); decoding it again")
+        return None
+    return arrays
 
 
 def _save_atomic(path: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:

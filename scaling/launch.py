@@ -8,9 +8,16 @@ schedules or retries: a preempted VM is recreated by running the same commands a
 sweep's resume finishes only what is missing. Where a study outgrows hand-managed VMs,
 `skypilot_task` writes a SkyPilot task: its managed jobs (`sky jobs launch`) recreate preempted
 spot TPUs and re-run the same sweep command, which resumes from the checkpoints on the bucket.
+
+Every value the user gives is checked here (`Launch`) against what Google Cloud accepts (a zone,
+a bucket, a TPU slice), and is quoted again where it lands: `shlex.quote` in the command strings
+a remote shell reads, a JSON string (a valid YAML scalar) in the SkyPilot task. Either alone
+keeps a value from becoming a command or a YAML key; both together survive a later change to
+either.
 """
 
 import dataclasses
+import json
 import math
 import re
 import shlex
@@ -21,6 +28,14 @@ from scaling import ScalingError
 RUNTIME = "tpu-ubuntu2204-base"
 SOURCE_ARCHIVE = "scaling-src.tar.gz"
 CORES_PER_HOST = 8  # v2, v3, v4 and v5p names count TensorCores; 4 chips x 2 cores per host
+ACCELERATORS = "v2-N, v3-N, v4-N or v5p-N, N TensorCores: a positive multiple of 8 (e.g. v4-32)"
+ZONE = re.compile(r"[a-z]+-[a-z]+[0-9]+-[a-z]")  # us-central2-b, europe-west4-a
+# gs://BUCKET[/PATH]: GCS bucket names (3-63 characters), then path components of safe characters.
+BUCKET = re.compile(r"gs://[a-z0-9][a-z0-9._-]{1,61}[a-z0-9](/[A-Za-z0-9._-]+)*/?")
+BUCKETS = (
+    "gs://BUCKET[/PATH]: BUCKET of 3-63 lower-case letters, digits, '-', '_' and '.', starting "
+    "and ending with a letter or digit; PATH of letters, digits, '.', '_', '-' and '/', no '..'"
+)
 
 
 @dataclasses.dataclass
@@ -38,11 +53,16 @@ class Launch:
     def __post_init__(self):
         if not re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", self.name):
             raise ScalingError(f"--name {self.name!r}: lower-case letters, digits and '-' only")
-        if not self.bucket.startswith("gs://"):
-            raise ScalingError(f"--bucket must be a gs:// URL, got {self.bucket!r}")
+        if not BUCKET.fullmatch(self.bucket) or {".", ".."} & set(self.bucket[5:].split("/")):
+            raise ScalingError(f"--bucket {self.bucket!r} is not valid; give {BUCKETS}")
         if self.trials_per_vm < 0:
             raise ScalingError("--trials-per-vm must be >= 0")
         hosts(self.accelerator)  # validates the name
+        if not ZONE.fullmatch(self.zone):
+            raise ScalingError(
+                f"--zone {self.zone!r} is not a Google Cloud zone; give REGION-ZONE such as "
+                "us-central2-b or europe-west4-a"
+            )
 
     @property
     def num_vms(self) -> int:
@@ -52,13 +72,13 @@ class Launch:
 
 
 def hosts(accelerator: str) -> int:
-    """Hosts in a TPU slice named like v4-32 (TensorCores)."""
-    match = re.fullmatch(r"(v2|v3|v4|v5p)-(\d+)", accelerator)
-    if not match or int(match[2]) % CORES_PER_HOST and int(match[2]) > CORES_PER_HOST:
-        raise ScalingError(
-            f"unknown accelerator {accelerator!r}; valid: v2-N, v3-N, v4-N, v5p-N (N TensorCores)"
-        )
-    return max(1, int(match[2]) // CORES_PER_HOST)
+    """Hosts in a TPU slice named like v4-32 (TensorCores). The smallest slice is one host's 8
+    cores and larger ones are whole hosts, so a count that is not a multiple of 8 names no
+    slice (v4-0 or v5p-12 would otherwise fail only at `gcloud ... create`)."""
+    match = re.fullmatch(r"(v2|v3|v4|v5p)-([1-9][0-9]*)", accelerator)
+    if not match or int(match[2]) % CORES_PER_HOST:
+        raise ScalingError(f"unknown accelerator {accelerator!r}; valid: {ACCELERATORS}")
+    return int(match[2]) // CORES_PER_HOST
 
 
 def _sweep_command(spec: Launch, vm_index: int, workdir: str) -> str:
@@ -74,13 +94,14 @@ def tpu_commands(spec: Launch) -> list[list[str]]:
     bucket, _, prefix = spec.bucket.removeprefix("gs://").strip("/").partition("/")
     # The workdir lives on the bucket (a gcsfuse mount on every worker), so a preempted VM loses
     # nothing, and all hosts of a multi-host slice see the same trial states and checkpoints.
-    only_dir = f"--only-dir {prefix} " if prefix else ""
+    # Values go into a remote shell's command line quoted (`Launch` has validated them too).
+    only_dir = f"--only-dir {shlex.quote(prefix)} " if prefix else ""
     mount = (
         "mkdir -p ~/bucket && (mountpoint -q ~/bucket || "
-        f"gcsfuse --implicit-dirs {only_dir}{bucket} ~/bucket)"
+        f"gcsfuse --implicit-dirs {only_dir}{shlex.quote(bucket)} ~/bucket)"
     )
     install = (
-        f"mkdir -p scaling && tar xzf {SOURCE_ARCHIVE} -C scaling && "
+        f"mkdir -p scaling && tar xzf {shlex.quote(SOURCE_ARCHIVE)} -C scaling && "
         'cd scaling && python3 -m pip install -q -e ".[tpu]"'
     )
     commands = [["git", "archive", "--format=tar.gz", "-o", SOURCE_ARCHIVE, "HEAD"]]
@@ -152,21 +173,25 @@ def execute(commands: list[list[str]]):
 
 
 def skypilot_task(spec: Launch) -> str:
-    """A SkyPilot task (YAML) that runs the study on one TPU slice as a managed spot job."""
+    """A SkyPilot task (YAML) that runs the study on one TPU slice as a managed spot job.
+
+    Every interpolated value is a JSON scalar, which YAML reads as the same value: a quoted
+    string cannot end its line or start a key, whatever it holds."""
     run = _sweep_command(spec, 0, f"/results/{spec.name}")
+    q = json.dumps
     return f"""\
 # sky jobs launch this-file.yaml   (managed job: preempted spot TPUs are recreated, and the
 # sweep resumes from the checkpoints under /results, which lives on the bucket)
-name: {spec.name}
+name: {q(spec.name)}
 resources:
-  accelerators: tpu-{spec.accelerator}
-  use_spot: {str(spec.spot).lower()}
-  zone: {spec.zone}
+  accelerators: {q(f"tpu-{spec.accelerator}")}
+  use_spot: {q(spec.spot)}
+  zone: {q(spec.zone)}
 workdir: .
 file_mounts:
   /results:
-    source: {spec.bucket}
+    source: {q(spec.bucket)}
     mode: MOUNT
-setup: python3 -m pip install -q -e '.[tpu]'
-run: {run}
+setup: {q("python3 -m pip install -q -e '.[tpu]'")}
+run: {q(run)}
 """

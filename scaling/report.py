@@ -17,7 +17,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from scipy.optimize import curve_fit  # noqa: E402
 
-from scaling import ScalingError, results, sweep  # noqa: E402
+from scaling import ScalingError, results, rundir  # noqa: E402
 
 DPI = 100
 SIZES = {  # inches; figures are DPI times these in pixels
@@ -257,17 +257,27 @@ def generalization(done, out):
     return save(fig, out, "generalization")
 
 
+def training_curve(trial_dir) -> pd.DataFrame:
+    """(step, loss) of a trial's training records; empty when it has none, or they are
+    unreadable (results.load has warned) or damaged (a loss that is not a number)."""
+    try:
+        train = results.curves(trial_dir)
+    except (ScalingError, OSError):  # no metrics.jsonl; one that cannot be read
+        return pd.DataFrame(columns=["step", "loss"])
+    if "loss" not in train:
+        return pd.DataFrame(columns=["step", "loss"])
+    train = train[["step", "loss"]].apply(pd.to_numeric, errors="coerce")
+    return train.dropna()
+
+
 def curves(df, out):
     fig, ax = figure("curves")
     colors = {arch: f"C{i % 10}" for i, arch in enumerate(sorted(df.arch.dropna().unique()))}
     labelled, drawn = set(), False
     for _, trial in df.iterrows():
-        if not (Path(trial.path) / "metrics.jsonl").exists():
+        train = training_curve(trial.path)
+        if train.empty:
             continue
-        train = results.curves(trial.path)
-        if "loss" not in train:
-            continue
-        train = train.dropna(subset=["loss"])
         label = None if trial.arch in labelled else trial.arch
         labelled.add(trial.arch)
         ax.plot(train.step, train.loss, lw=1, alpha=0.7, label=label, color=colors[trial.arch])
@@ -323,44 +333,75 @@ def status_lines(df) -> list[str]:
     return lines
 
 
-def copy_runs(directories, df, out: Path):
+def copy_runs(df, out: Path):
     """The sweep index and the small per-trial files (config, summary, metrics) under
-    out/runs/, so that the report can be rebuilt from the copy alone."""
+    out/runs/, so that the report can be rebuilt from the copy alone. A trial whose copy would
+    land anywhere but in its own directory right under out/runs (a name such as `../x`, a
+    symbolic link) is skipped with a warning: nothing outside --out is ever written."""
     if repeated := df.trial[df.trial.duplicated()].tolist():
         raise ScalingError(
             f"trial names repeat across the directories ({repeated[0]}, ...): report them "
             "separately, or together into the first directory's report/"
         )
-    (out / "runs").mkdir(exist_ok=True)
-    records = [r for d in directories for r in results.trial_dirs(Path(d)).values() if r]
-    sweep.write_index(out / "runs", {r["name"]: r for r in records})
+    runs = out / "runs"
+    runs.mkdir(exist_ok=True)
+    records = df.attrs.get("index", [])  # as results.load read them: warned about once
+    rundir.write_index(runs, {r["name"]: r for r in records if rundir.safe_name(r.get("name"))})
     for _, trial in df.iterrows():
-        target = out / "runs" / trial.trial
-        target.mkdir(parents=True, exist_ok=True)
+        target = runs / str(trial.trial)
+        if not rundir.safe_name(trial.trial) or target.resolve().parent != runs.resolve():
+            rundir.warn(f"not copying trial {trial.trial!r}: its copy would leave {runs}")
+            continue
+        target.mkdir(exist_ok=True)
         for name in RUN_FILES:
-            source = Path(trial.path) / name
-            if source.exists() and source.resolve() != (target / name).resolve():
-                shutil.copy2(source, target / name)
+            source, copy = Path(trial.path) / name, target / name
+            if not source.exists() or source.resolve() == copy.resolve():
+                continue
+            if copy.is_symlink():  # write the copy itself, never through a link
+                copy.unlink()
+            shutil.copy2(source, copy)
+
+
+def check_output(out: Path, given: bool):
+    """One error, before any work, when `out` cannot hold the report (a file, say), or would
+    write through a symbolic link out of it."""
+    rundir.check_writable(out, "--out" if given else "report directory")
+    if (out / "runs").is_symlink():
+        raise ScalingError(f"{out / 'runs'} is a symbolic link; remove it or choose another --out")
+
+
+def read_notes(notes) -> str:
+    if not notes:
+        return ""
+    try:
+        return Path(notes).read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ScalingError(f"cannot read the notes file {notes} ({rundir.first_line(e)})") from None
 
 
 def write(directories, out=None, notes=None) -> Path:
     """REPORT.md, figures and runs.csv for the trials under `directories`, in `out`
-    (default: the first directory's report/). Returns the REPORT.md path."""
+    (default: the first directory's report/). Returns the REPORT.md path. Bad input (a
+    directory that is not one, an --out that cannot be, a notes file that cannot be read) is
+    refused before anything is read or written; damaged trial files are skipped with warnings."""
+    results.check_directories(directories)
+    given, out = out is not None, Path(out or Path(directories[0]) / "report")
+    check_output(out, given)
+    notes = read_notes(notes)
     df = results.load(*directories)
-    out = Path(out or Path(directories[0]) / "report")
     out.mkdir(parents=True, exist_ok=True)
     for name in SIZES:  # a figure the trials no longer have the axes for must not linger
         (out / f"{name}.png").unlink(missing_ok=True)
     if not out.resolve().is_relative_to(Path(directories[0]).resolve()):
-        copy_runs(directories, df, out)
+        copy_runs(df, out)
     df.drop(columns=["path"]).to_csv(out / "runs.csv", index=False)
-    accuracy = df["test_accuracy"] if "test_accuracy" in df else pd.Series(np.nan, df.index)
-    finite = np.isfinite(pd.to_numeric(accuracy, errors="coerce"))
+    numbers = [k for k in results.SUMMARY if k in df and k not in results.TEXT]
+    finite = np.isfinite(df[numbers].apply(pd.to_numeric, errors="coerce")).all(axis=1)
     df.loc[(df.status == "done") & ~finite, "status"] = "done, metrics not finite"
     done = df[df.status == "done"]
     lines = [f"# Report: {', '.join(results.study_name(d) for d in directories)}", ""]
     if notes:
-        lines += [Path(notes).read_text().strip(), ""]
+        lines += [notes, ""]
     lines += ["## Status", "", *status_lines(df), ""]
     if not done.empty:
         laws = fits(done)

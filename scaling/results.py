@@ -7,15 +7,15 @@ A directory is a sweep (its `trials.jsonl` index), a single run (its `summary.js
 tree of runs, such as a study's copy in `results/`.
 """
 
-import json
+import os
 import re
 from pathlib import Path
 
 import pandas as pd
 
 from scaling import ScalingError
-from scaling.sweep import read_index, trial_name
-from scaling.train import read_metrics
+from scaling.rundir import read_index, read_json, read_metrics, warn
+from scaling.sweep import trial_name
 
 # The summary fields every finished row carries (see train.train).
 SUMMARY = (
@@ -23,13 +23,17 @@ SUMMARY = (
     "train_examples", "steps", "train_accuracy", "test_accuracy", "train_loss", "test_loss",
     "generalization_gap", "examples_seen", "wall_seconds", "images_per_second", "devices", "seed",
 )  # fmt: skip
+TEXT = ("model", "dataset")  # the summary fields that are not numbers
 WRN = re.compile(r"wrn(\d+)_(\d+)$")
 
 
 def trial_dirs(directory: Path) -> dict[Path, dict]:
-    """{trial directory: its sweep index record (empty when it has none)}."""
+    """{trial directory: its sweep index record (empty when it has none)}. The index names only
+    plain path components (rundir.read_index), so a record never leads out of its sweep."""
     found = {}
-    for index_dir in [directory, *(p.parent for p in directory.rglob("trials.jsonl"))]:
+    # Each index once (rglob finds the top one too): one warning per damaged line.
+    indexes = dict.fromkeys([directory, *(p.parent for p in directory.rglob("trials.jsonl"))])
+    for index_dir in indexes:
         for name, record in read_index(index_dir).items():
             found[index_dir / name] = record
     for marker in directory.rglob("config.json"):
@@ -37,16 +41,23 @@ def trial_dirs(directory: Path) -> dict[Path, dict]:
     return found
 
 
+def mapping(value) -> dict:
+    """`value` if it is a JSON object, else {}: a damaged record or config reads as empty."""
+    return value if isinstance(value, dict) else {}
+
+
 def row(trial_dir: Path, record: dict) -> dict:
-    config_path, summary_path = trial_dir / "config.json", trial_dir / "summary.json"
-    config = json.loads(config_path.read_text()) if config_path.exists() else {}
-    model = config.get("model", {})
-    overrides = record.get("overrides", {})
-    out = dict(trial=record.get("name", trial_dir.name), path=str(trial_dir))
+    """A trial's row. A damaged config.json or summary.json is warned about (once) and read as
+    missing, so that one bad file never blocks the report; such a trial is never "done"."""
+    config = mapping(read_json(trial_dir / "config.json"))
+    model = dict(mapping(config.get("model")))
+    overrides = mapping(record.get("overrides"))
+    # A trial found by its config.json alone is named after its directory (absolute: "." too).
+    out = dict(trial=record.get("name", Path(os.path.abspath(trial_dir)).name), path=str(trial_dir))
     out.update(
         model=model.get("name", overrides.get("model.name")), seed=config.get("seed"),
         batch_size=config.get("batch_size"), lr=config.get("lr"),
-        optimizer=config.get("optimizer", {}).get("name"),
+        optimizer=mapping(config.get("optimizer")).get("name"),
         data_fraction=config.get("data_fraction"), image_size=config.get("image_size"),
     )  # fmt: skip
     columns = axis_columns(overrides)
@@ -54,25 +65,10 @@ def row(trial_dir: Path, record: dict) -> dict:
     out["_axes"] = [c for c in columns if c != "seed" and not c.startswith("model.")]
     # One key per setting of the axes, the seed aside: what a table may average over.
     others = {k: v for k, v in overrides.items() if k != "seed"}
-    out["setting"] = trial_name(others) if overrides else trial_dir.name
+    out["setting"] = trial_name(others) if overrides else out["trial"]
     model.setdefault("layout", overrides.get("model.layout"))
-    if summary_path.exists():
-        summary = json.loads(summary_path.read_text())
-        if missing := [k for k in SUMMARY if k not in summary]:
-            raise ScalingError(f"{summary_path} lacks {', '.join(missing)}")
-        out.update({k: summary[k] for k in SUMMARY}, status="done", steps_done=summary["steps"])
-    else:
-        metrics = [r for r in read_metrics(trial_dir / "metrics.jsonl") if "loss" in r]
-        last = metrics[-1] if metrics else {}
-        state = record.get("state", "pending")
-        out.update(
-            # "done" without its summary (a partial copy; another host's view of the run)
-            status="no summary.json" if state == "done" else state,
-            error=record.get("error"),
-            steps_done=last.get("step", 0),
-            running_loss=last.get("loss"),
-        )
-    name = out["model"] or ""
+    out.update(outcome(trial_dir, record))
+    name = out["model"] if isinstance(out["model"], str) else ""
     out["family"] = re.match(r"[a-z]*", name.removeprefix("preact_")).group()
     out["arch"] = name
     if name == "coatnet":
@@ -84,6 +80,56 @@ def row(trial_dir: Path, record: dict) -> dict:
     if match := WRN.match(name):
         out["depth"], out["width"] = int(match[1]), int(match[2])
     return out
+
+
+def outcome(trial_dir: Path, record: dict) -> dict:
+    """The summary of a finished trial (status "done"); else its state and progress. A summary
+    that is damaged or lacks fields gives a status that says so, with one warning."""
+    path = trial_dir / "summary.json"
+    summary = read_json(path)  # None when absent, or (warned) damaged
+    problem = summary_problem(summary) if summary is not None else None
+    if problem == "":
+        return {k: summary[k] for k in SUMMARY} | dict(status="done", steps_done=summary["steps"])
+    state = record.get("state", "pending")
+    if problem:
+        warn(f"{path} {problem}: its trial is not counted as done")
+        state = "incomplete summary.json"
+    elif path.exists():
+        state = "unreadable summary.json"
+    elif state == "done":  # "done" without its summary (a partial copy; another host's view)
+        state = "no summary.json"
+    last = progress(trial_dir / "metrics.jsonl")
+    return dict(
+        status=state if isinstance(state, str) else "unknown state",
+        error=record.get("error"),
+        steps_done=last.get("step", 0),
+        running_loss=last.get("loss"),
+    )
+
+
+def summary_problem(summary: dict) -> str:
+    """What keeps `summary` from being a finished trial's ("" when nothing does)."""
+    if missing := [k for k in SUMMARY if k not in summary]:
+        return f"lacks {', '.join(missing)}"
+    wrong = [
+        k for k in SUMMARY
+        if not (isinstance(summary[k], str) if k in TEXT else is_number(summary[k]))
+    ]  # fmt: skip
+    return f"has values of the wrong type ({', '.join(wrong)})" if wrong else ""
+
+
+def is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def progress(path: Path) -> dict:
+    """The last training record of a metrics.jsonl ({} when none, or unreadable: warned)."""
+    try:
+        metrics = [r for r in read_metrics(path) if "loss" in r]
+    except OSError as e:
+        warn(f"skipping {path}: unreadable ({e.strerror})")
+        return {}
+    return metrics[-1] if metrics else {}
 
 
 def axis_columns(overrides: dict) -> dict:
@@ -103,22 +149,34 @@ def study_name(directory: Path) -> str:
     return directory.parent.name if directory.name == "runs" else directory.name
 
 
-def load(*directories) -> pd.DataFrame:
-    """One row per trial under `directories`: its axes (the sweep's override keys, last
-    component), model/family/arch, the training summary when it finished, else its status and
-    progress. Columns that no trial has are absent."""
-    rows = []
+def check_directories(directories):
+    """One error, before anything is read, for a results directory that is not one."""
+    if not directories:
+        raise ScalingError("give at least one results directory")
     for directory in map(Path, directories):
         if not directory.is_dir():
             raise ScalingError(f"no such results directory: {directory}")
+
+
+def load(*directories) -> pd.DataFrame:
+    """One row per trial under `directories`: its axes (the sweep's override keys, last
+    component), model/family/arch, the training summary when it finished, else its status and
+    progress. Columns that no trial has are absent; `df.attrs["index"]` holds the trials' sweep
+    index records."""
+    directories = [Path(d) for d in directories]
+    check_directories(directories)
+    rows, index = [], []
+    for directory in directories:
         for trial_dir, record in sorted(trial_dirs(directory).items()):
             rows.append({"study": study_name(directory), **row(trial_dir, record)})
+            index += [record] if record else []
     if not rows:
         raise ScalingError(f"no trials found in {', '.join(map(str, directories))}")
     # The sweeps' own axes (not model settings, which `arch` names), for grouping in reports.
     axes = {c: None for r in rows for c in r.pop("_axes")}
     df = pd.DataFrame(rows)
     df.attrs["axes"] = list(axes)
+    df.attrs["index"] = index  # the sweep index records, read (and warned about) once
     if "test_accuracy" in df:
         df["test_error"] = 1 - df["test_accuracy"]
     return df

@@ -16,6 +16,7 @@ skips finished trials (those with a summary.json), resumes unfinished ones from 
 checkpoint, and retries failed or diverged ones only when asked.
 """
 
+import contextlib
 import copy
 import dataclasses
 import fcntl
@@ -23,6 +24,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -32,9 +34,22 @@ from pathlib import Path
 
 import ml_collections
 
-from scaling import Diverged, ScalingError
-from scaling.config import load_config
-from scaling.train import config_conflicts, json_config, write_json_atomic
+from scaling import Diverged, ScalingError, Stopped
+from scaling.config import check_training_config, load_config
+from scaling.rundir import (
+    LOCK,
+    LOCK_FD_VARIABLE,
+    check_writable,
+    config_conflicts,
+    is_marked,
+    json_config,
+    mark,
+    read_index,
+    read_json,
+    warn,
+    write_index,
+    write_json_atomic,
+)
 
 STATES = ("pending", "running", "done", "failed", "diverged")
 
@@ -136,6 +151,8 @@ def expand(study: ml_collections.ConfigDict) -> list[Trial]:
     if "base" not in study or "trials" not in study:
         raise ScalingError("a study config needs 'base' (a training config) and 'trials'")
     trials = [Trial(trial_name(o), dict(o), apply_overrides(study.base, o)) for o in study.trials]
+    if not trials:
+        raise ScalingError("the study has no trials")
     names = [t.name for t in trials]
     if dupes := sorted({n for n in names if names.count(n) > 1}):
         raise ScalingError(f"the study lists the same trial twice: {', '.join(dupes)}")
@@ -148,45 +165,135 @@ def dry_run(trials: list[Trial], workdir) -> str:
     return "\n".join(lines)
 
 
-# ---- The index ----
-def read_index(workdir: Path) -> dict[str, dict]:
-    path = workdir / "trials.jsonl"
-    if not path.exists():
-        return {}
-    return {r["name"]: r for r in map(json.loads, path.read_text().splitlines()) if r}
-
-
-def write_index(workdir: Path, records: dict[str, dict]):
-    tmp = workdir / "trials.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records.values()))
-    os.replace(tmp, workdir / "trials.jsonl")
-
-
 # ---- Running ----
-def run_trial(trial_dir: Path, extra_args=()) -> tuple[str, str | None]:
-    """Train one trial in a child process; returns (state, error line or None)."""
-    lock = os.open(trial_dir / ".lock", os.O_RDWR | os.O_CREAT)
+RETRIES_AFTER_KILL = 1  # a trainer killed by SIGKILL (the OOM killer, most often) runs again once
+
+
+class Trainers:
+    """The trainer processes a sweep runs. SIGTERM or Ctrl-C to the sweep asks each to
+    checkpoint and stop (it exits with `Stopped.exit_code`), and starts no more. Trainers stay
+    in the sweep's process group, so whatever kills the whole group kills them too."""
+
+    def __init__(self):
+        self.running, self.signal, self._lock = set(), None, threading.Lock()
+
+    def run(self, args, log, lock_fd) -> int | None:
+        """Run one trainer to its end; its exit status, or None if the sweep is stopping."""
+        env = dict(os.environ, **{LOCK_FD_VARIABLE: str(lock_fd)})
+        with self._lock:
+            if self.signal:
+                return None
+            child = subprocess.Popen(
+                args, stdout=log, stderr=subprocess.STDOUT, pass_fds=(lock_fd,), env=env
+            )
+            self.running.add(child)
+        try:
+            return child.wait()
+        finally:
+            with self._lock:
+                self.running.discard(child)
+
+    def stop(self, signum, _frame=None):
+        with self._lock:
+            self.signal = signal.Signals(signum).name
+            for child in self.running:
+                child.send_signal(signal.SIGTERM)
+
+    @contextlib.contextmanager
+    def stopped_by_signals(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {s: signal.signal(s, self.stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+
+def run_trial(trial_dir: Path, extra_args=(), trainers=None) -> tuple[str, str | None]:
+    """Train one trial in a child process; returns (state, note or None). The trial is done
+    only when its summary.json exists."""
+    trainers = trainers or Trainers()
+    lock = os.open(trial_dir / LOCK, os.O_RDWR | os.O_CREAT)
     try:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return "running", "another process is training this trial"
-        with open(trial_dir / "train.log", "a") as log:
-            # The child inherits the locked descriptor: the lock lives as long as either process.
-            child = subprocess.run(
-                [sys.executable, "-m", "scaling.cli", "train", "--workdir", str(trial_dir),
-                 *extra_args],
-                stdout=log, stderr=subprocess.STDOUT, pass_fds=(lock,),
-            )  # fmt: skip
+        args = [sys.executable, "-m", "scaling.cli", "train", "--workdir", str(trial_dir)]
+        for attempt in range(1 + RETRIES_AFTER_KILL):
+            with open(trial_dir / "train.log", "a") as log:
+                if attempt:
+                    log.write("sweep: the trainer was killed (SIGKILL); running it again\n")
+                # The child inherits the locked descriptor: the lock lives while either lives.
+                status = trainers.run([*args, *extra_args], log, lock)
+            if status != -signal.SIGKILL or trainers.signal:
+                break
     finally:
         os.close(lock)
-    if child.returncode == 0:  # on a multi-host slice only process 0 writes summary.json
-        return "done", None
-    lines = [ln for ln in (trial_dir / "train.log").read_text().splitlines() if ln.strip()]
-    error = lines[-1] if lines else f"exit status {child.returncode}"
-    if child.returncode < 0:
-        error = f"killed by signal {-child.returncode}"
-    return ("diverged" if child.returncode == Diverged.exit_code else "failed"), error
+    state, note = outcome(trial_dir, status, distributed="--distributed" in extra_args)
+    if trainers.signal and state == "failed":  # a Ctrl-C reached it before it could checkpoint
+        return "pending", f"stopped with the sweep ({note})"
+    return state, note
+
+
+def outcome(trial_dir: Path, status: int | None, distributed=False) -> tuple[str, str | None]:
+    """A finished trainer's exit status as the trial's state and a one-line note."""
+    log = trial_dir / "train.log"
+    lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    last = lines[-1] if lines else f"exit status {status}"
+    if status is None:
+        return "pending", "the sweep stopped before it started"
+    if status == 0 and (distributed or (trial_dir / "summary.json").exists()):
+        return "done", None  # on a multi-host slice only process 0 writes summary.json
+    if status == 0:
+        return "pending", "the trainer exited without writing summary.json"
+    if status == Stopped.exit_code:
+        return "pending", last
+    if status == Diverged.exit_code:
+        return "diverged", last
+    if status == -signal.SIGKILL:
+        tail = " | ".join(lines[-3:])
+        return (
+            "failed",
+            f"killed by SIGKILL {1 + RETRIES_AFTER_KILL} times (out of memory?): {tail}",
+        )
+    if status < 0:
+        return "failed", f"killed by {signal.Signals(-status).name}"
+    return "failed", last
+
+
+def prepare_sweep_directory(workdir: Path):
+    """The sweep's directory, created and marked; an unrelated non-empty one is refused."""
+    check_writable(workdir, "--workdir")
+    if workdir.is_dir() and any(workdir.iterdir()):
+        if not (is_marked(workdir) or (workdir / "trials.jsonl").exists()):
+            raise ScalingError(
+                f"{workdir} is not empty and is not a sweep directory; choose a new or empty one"
+            )
+    workdir.mkdir(parents=True, exist_ok=True)
+    mark(workdir, "sweep")
+
+
+def unreadable_trials(workdir: Path, trials) -> dict[str, str]:
+    """{name: reason} of trials whose directory holds a damaged config.json (skipped, with a
+    warning each); a ScalingError when a trial's directory holds another config."""
+    changed, unreadable = [], {}
+    for t in trials:
+        try:
+            if config_conflicts(workdir / t.name, t.config):
+                changed.append(t.name)
+        except ScalingError as e:
+            unreadable[t.name] = str(e)
+            warn(f"skipping trial {t.name}: {e}")
+    if changed:
+        raise ScalingError(
+            f"the study changed: {len(changed)} trial(s) no longer match their directories in "
+            f"{workdir} ({', '.join(changed[:3])}...); use a new workdir or delete them"
+        )
+    return unreadable
 
 
 def run(
@@ -199,56 +306,65 @@ def run(
     train_args=(),
     echo=print,
 ) -> dict[str, str]:
-    """Run every unfinished trial of `study` (this shard's share); returns {name: state}."""
+    """Run every unfinished trial of `study` (this shard's share); returns {name: state}.
+    Raises `Stopped` (after recording every trial's state) when SIGTERM or Ctrl-C stopped it."""
     workdir = Path(workdir)
     index, count = shard
     trials = expand(study)[index::count]
-    workdir.mkdir(parents=True, exist_ok=True)
-    changed = [t.name for t in trials if config_conflicts(workdir / t.name, t.config)]
-    if changed:
-        raise ScalingError(
-            f"the study changed: {len(changed)} trial(s) no longer match their directories in "
-            f"{workdir} ({', '.join(changed[:3])}...); use a new workdir or delete them"
-        )
+    for t in trials:  # every trial's settings, before anything is written
+        try:
+            check_training_config(t.config)
+        except ScalingError as e:
+            raise ScalingError(f"trial {t.name}: {e}") from None
+    unreadable = unreadable_trials(workdir, trials) if workdir.is_dir() else {}
+    prepare_sweep_directory(workdir)
     records = read_index(workdir)
     for t in trials:
         record = records.setdefault(t.name, dict(name=t.name, state="pending", error=None))
         record["overrides"] = t.overrides
         if (workdir / t.name / "summary.json").exists():
             record.update(state="done", error=None)
+        elif t.name in unreadable:
+            record.update(state="failed", error=unreadable[t.name])
     todo = [
         t for t in trials
-        if records[t.name]["state"] != "done"
+        if records[t.name]["state"] != "done" and t.name not in unreadable
         and (retry_failed or records[t.name]["state"] not in ("failed", "diverged"))
     ]  # fmt: skip
-    lock = threading.Lock()
+    lock, trainers = threading.Lock(), Trainers()
     write_index(workdir, records)
     echo(f"{len(trials)} trials: {len(trials) - len(todo)} finished or skipped, {len(todo)} to run")
 
     def launch(trial):
         trial_dir = workdir / trial.name
         trial_dir.mkdir(exist_ok=True)
+        mark(trial_dir, "run")
         if not (trial_dir / "config.json").exists():
             write_json_atomic(trial_dir / "config.json", json_config(trial.config))
         with lock:
+            if trainers.signal:
+                return
             records[trial.name].update(state="running", error=None, started=time.time())
             write_index(workdir, records)
-        state, error = run_trial(trial_dir, train_args)
+        state, note = run_trial(trial_dir, train_args, trainers)
         with lock:
-            records[trial.name].update(state=state, error=error, ended=time.time())
+            records[trial.name].update(state=state, error=note, ended=time.time())
             write_index(workdir, records)
-        echo(f"{trial.name}: {state}" + (f" ({error})" if error else ""))
+        echo(f"{trial.name}: {state}" + (f" ({note})" if note else ""))
 
-    with ThreadPoolExecutor(max(1, parallel)) as pool:
+    with trainers.stopped_by_signals(), ThreadPoolExecutor(max(1, parallel)) as pool:
         list(pool.map(launch, todo))
+    if trainers.signal:
+        pending = sum(records[t.name]["state"] == "pending" for t in trials)
+        raise Stopped(f"stopped by {trainers.signal}; {pending} trial(s) pending")
     return {t.name: records[t.name]["state"] for t in trials}
 
 
 def best_trial(workdir, names) -> dict | None:
     """The finished trial with the highest test accuracy (e.g. the grid search's best triple)."""
     summaries = []
-    for name in names:
-        path = Path(workdir) / name / "summary.json"
-        if path.exists():  # on a multi-host slice only process 0's view has it
-            summaries.append({"name": name, **json.loads(path.read_text())})
+    for name in names:  # on a multi-host slice only process 0's view has the summaries
+        summary = read_json(Path(workdir) / name / "summary.json")
+        if summary and isinstance(summary.get("test_accuracy"), float):
+            summaries.append({"name": name, **summary})
     return max(summaries, key=lambda s: s["test_accuracy"], default=None)

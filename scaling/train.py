@@ -15,9 +15,7 @@ import functools
 import json
 import math
 import os
-import shutil
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -29,14 +27,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
-from scaling import Diverged, ScalingError, data, flops, models, pretrained
+from scaling import Diverged, ScalingError, Stopped, data, flops, models, pretrained, rundir
+from scaling import checkpoints as ckpt
+from scaling.config import check_training_config
+from scaling.rundir import json_config, read_metrics, write_json_atomic
 
 OPTIMIZERS = {
     "sgd": optax.sgd,
@@ -230,41 +230,26 @@ def evaluate(eval_step, state, examples, count, *, batch_size, sharding):
     return totals["loss"] / totals["count"], totals["correct"] / totals["count"]
 
 
-def restore_latest(checkpoints, state):
-    """The newest readable checkpoint (or `state` when there is none). An unreadable one (a
-    truncated or corrupted file) is reported, deleted and the previous one tried. One that holds
-    a state of another structure is refused and kept: deleting it would lose the run."""
-    for step in sorted(checkpoints.all_steps(), reverse=True):
-        try:
-            return checkpoints.restore(step, args=ocp.args.StandardRestore(state))
-        except Exception as e:  # orbax and tensorstore raise many kinds for a damaged file
-            if "tree structures do not match" in str(e):
-                raise ScalingError(
-                    f"checkpoint {step} in {checkpoints.directory} holds another model state "
-                    "than this config builds (ResNets checkpointed before their blocks were "
-                    "scanned resume with model.scan=False); it is kept"
-                ) from e
-            reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-            print(
-                f"checkpoint {step} is unreadable ({reason}); deleting it and falling back",
-                file=sys.stderr,
-            )
-            checkpoints.delete(step)
-    return state
-
-
 @contextlib.contextmanager
-def stop_on_sigterm():
-    """An event set by SIGTERM (what a preempted VM gets), so the loop can checkpoint and stop."""
+def stop_on_signal():
+    """An event set by SIGTERM (what a preempted VM gets) or Ctrl-C, so the loop can checkpoint
+    and stop. A second Ctrl-C interrupts at once."""
     event = threading.Event()
     if threading.current_thread() is not threading.main_thread():  # signals reach main only
         yield event
         return
-    previous = signal.signal(signal.SIGTERM, lambda *_: event.set())
+
+    def stop(signum, _):
+        event.set()
+        event.signal = signal.Signals(signum).name
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield event
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def host_slice(indices):
@@ -361,54 +346,6 @@ def eval_batches(examples, count, batch_size):
     return read_ahead(positions.map(example), 2 * local).batch(local)
 
 
-def write_json_atomic(path, obj):
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
-def read_metrics(path):
-    """Records of a metrics.jsonl; a partial last line (a killed writer) is ignored."""
-    if not Path(path).exists():
-        return []
-    records = []
-    for line in Path(path).read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
-
-
-def json_config(config) -> dict:
-    """The config as plain JSON data (what config.json holds)."""
-    return json.loads(config.to_json_best_effort(sort_keys=True))
-
-
-def config_conflicts(workdir: Path, config) -> list[str]:
-    """Top-level keys in which `config` differs from the run recorded in `workdir` (if any). A
-    key the record lacks is a field added since the run began: not a conflict."""
-    saved = Path(workdir) / "config.json"
-    if not saved.exists():
-        return []
-    old, new = json.loads(saved.read_text()), json_config(config)
-    return sorted(k for k in set(old) | set(new) if old.get(k, new.get(k)) != new.get(k))
-
-
-def prepare_workdir(workdir: Path, config, overwrite: bool):
-    """Refuse to mix two configs in one workdir; record the config of a new run."""
-    if keys := config_conflicts(workdir, config):
-        if not overwrite:
-            raise ScalingError(
-                f"{workdir} holds a run with a different config (differs in: {', '.join(keys)}); "
-                "use another workdir or --overwrite"
-            )
-        shutil.rmtree(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    if not (workdir / "config.json").exists():
-        write_json_atomic(workdir / "config.json", json_config(config))
-
-
 def settings_of(config) -> dict:
     """The model's constructor settings from a training config."""
     settings = {k: v for k, v in config.model.items() if k not in ("name", "num_classes")}
@@ -481,13 +418,10 @@ def build(config, model_settings, total_steps, pixel_mean, pixel_std) -> Program
     )
 
 
-def train(config: ml_collections.ConfigDict, workdir, *, overwrite=False, stop_after=None):
-    """Train (or resume) the run in `workdir`; returns the summary dict when training finished.
-
-    `stop_after` ends this process's share of the run after that many steps, leaving a checkpoint
-    to resume from, as a preempted job would.
-    """
-    workdir = Path(workdir)
+def check(config) -> dict:
+    """Every setting that can be checked without the data, before any I/O; returns the model's
+    constructor settings."""
+    check_training_config(config)
     if config.augment not in AUGMENTATIONS:
         raise ScalingError(f"unknown augment {config.augment!r}; valid: {', '.join(AUGMENTATIONS)}")
     if config.compute_dtype not in DTYPES:
@@ -496,15 +430,29 @@ def train(config: ml_collections.ConfigDict, workdir, *, overwrite=False, stop_a
         )
     if config.stream and config.data_on_device:
         raise ScalingError("data_on_device needs the data in memory: set stream=False")
-    devices = jax.device_count()
-    if config.batch_size % devices:
-        raise ScalingError(f"batch_size {config.batch_size} is not divisible by {devices} devices")
+    if config.batch_size % jax.device_count():
+        raise ScalingError(
+            f"batch_size {config.batch_size} is not divisible by {jax.device_count()} devices"
+        )
+    make_optimizer(config, total_steps=1)  # an unknown optimizer, schedule or setting
     model_settings = settings_of(config)
-    models.abstract(config.model.name, **model_settings)  # a bad name or setting fails before I/O
+    models.abstract(config.model.name, **model_settings)  # a bad name or setting
     if config.get("init_from"):
         pretrained.check(config.init_from, config.model.name, model_settings)
-    prepare_workdir(workdir, config, overwrite)
+    return model_settings
 
+
+def train(config: ml_collections.ConfigDict, workdir, *, overwrite=False, stop_after=None):
+    """Train (or resume) the run in `workdir`; returns the summary dict when training finished.
+
+    Every check (settings, workdir, data) comes before the first write into `workdir`, and the
+    run holds the workdir's lock while it writes there. `stop_after` ends this process's share
+    of the run after that many steps, leaving a checkpoint to resume from, as a preempted job
+    would; SIGTERM or Ctrl-C does the same and raises `Stopped`.
+    """
+    workdir = Path(workdir)
+    model_settings = check(config)
+    rundir.check_run_directory(workdir, config, overwrite)
     ds = (data.open_stream if config.stream else data.load)(
         config.dataset,
         config.image_size,
@@ -520,7 +468,17 @@ def train(config: ml_collections.ConfigDict, workdir, *, overwrite=False, stop_a
         )
     model_settings["num_classes"] = ds.num_classes
     total_steps = num_train_steps(config, n_train)
+    if jax.process_index():  # process 0 writes for a multi-host job, and holds the lock
+        workdir.mkdir(parents=True, exist_ok=True)
+        return run(config, workdir, ds, model_settings, total_steps, stop_after)
+    with rundir.lock(workdir):
+        rundir.prepare_run_directory(workdir, config, overwrite)
+        return run(config, workdir, ds, model_settings, total_steps, stop_after)
 
+
+def run(config, workdir: Path, ds, model_settings, total_steps, stop_after):
+    """The training loop of a checked, prepared run directory (see `train`)."""
+    devices, n_train = jax.device_count(), len(ds.train_labels)
     program = build(config, model_settings, total_steps, *pixel_statistics(ds))
     state, train_step, schedule = program.state, program.train_step, program.schedule
     abstract_model, batch_sharding = program.abstract_model, program.batch_sharding
@@ -529,14 +487,11 @@ def train(config: ml_collections.ConfigDict, workdir, *, overwrite=False, stop_a
         evaluate, program.eval_step, batch_size=eval_batch, sharding=batch_sharding
     )
 
-    checkpoints = ocp.CheckpointManager(
-        (workdir / "checkpoints").absolute(),
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=config.keep_checkpoints, save_interval_steps=config.checkpoint_every
-        ),
+    checkpoints = ckpt.manager(
+        workdir / "checkpoints", keep=config.keep_checkpoints, every=config.checkpoint_every
     )
     metrics_path = workdir / "metrics.jsonl"
-    state = restore_latest(checkpoints, state)
+    state = ckpt.restore_latest(checkpoints, state)
     start = int(state["step"])
     is_writer = jax.process_index() == 0
     # Steps after the checkpoint are redone: drop their records (and any line a kill cut short).
@@ -546,9 +501,10 @@ def train(config: ml_collections.ConfigDict, workdir, *, overwrite=False, stop_a
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         os.replace(tmp, metrics_path)
     wall_before = max((r["wall_time"] for r in kept), default=0.0)
-    if start >= total_steps and (workdir / "summary.json").exists():
+    finished = start >= total_steps and rundir.read_json(workdir / "summary.json")
+    if finished:
         print(f"{workdir} already holds a finished run")
-        return json.loads((workdir / "summary.json").read_text())
+        return finished
     if start:
         print(f"resumed from step {start} in {workdir}")
 
@@ -575,7 +531,7 @@ def train(config: ml_collections.ConfigDict, workdir, *, overwrite=False, stop_a
         ds, start, end, config.batch_size, config.seed, batch_sharding, on_device
     )
     # closing: async checkpoint writes finish before the run returns or raises (Diverged).
-    with stop_on_sigterm() as preempted, contextlib.closing(checkpoints):
+    with stop_on_signal() as stopping, contextlib.closing(checkpoints):
         for step in range(start, end):
             state = train_step(state, *next(batches))
             done = step + 1
@@ -607,14 +563,15 @@ def train(config: ml_collections.ConfigDict, workdir, *, overwrite=False, stop_a
             if config.eval_every and done % config.eval_every == 0 and done < total_steps:
                 loss, acc = run_eval(state, ds.test, len(ds.test_labels))
                 log(dict(step=done, test_loss=loss, test_accuracy=acc, wall_time=wall()))
-            if preempted.is_set():  # SIGTERM: checkpoint now and leave, resumable
+            if stopping.is_set():  # SIGTERM or Ctrl-C: checkpoint now and leave, resumable
                 end = done
-                print(f"SIGTERM: stopping at step {done}", file=sys.stderr)
-            checkpoints.save(done, args=ocp.args.StandardSave(state), force=done == end)
+            ckpt.save(checkpoints, done, state, force=done == end)
             bar.update(1)
             if done == end:
                 break
     bar.close()
+    if stopping.is_set() and end < total_steps:
+        raise Stopped(f"stopped by {stopping.signal} at step {end} of {total_steps}")
     if end < total_steps:
         return None
 

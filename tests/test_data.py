@@ -1,5 +1,6 @@
 """Tests for scaling.data: every source, held-out splits, nested subsets, the decode cache."""
 
+import os
 import re
 import shutil
 import tarfile
@@ -284,6 +285,87 @@ def test_cache_directory_precedence(tmp_path, monkeypatch):
     monkeypatch.delenv("SCALING_CACHE_DIR")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert data.cache_directory() == tmp_path / "home" / ".cache" / "scaling"
+
+
+@pytest.mark.parametrize("damage", ["cut in half", "garbage", "empty"])
+def test_damaged_cache_file_is_decoded_again_with_a_warning(tmp_path, capsys, damage):
+    tree, cache = make_tree(tmp_path / "tree"), tmp_path / "cache"
+    first = data.load(f"folder:{tree}", 8, cache_dir=cache)
+    (cache_file,) = cache.glob("*.npz")
+    good = cache_file.read_bytes()
+    damaged = {"cut in half": good[: len(good) // 2], "garbage": b"\x00garbage" * 50, "empty": b""}
+    cache_file.write_bytes(damaged[damage])
+    capsys.readouterr()
+    again = data.load(f"folder:{tree}", 8, cache_dir=cache)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("warning: ")  # one line, naming the file
+    assert f"cache file {cache_file} is unreadable" in err and "decoding it again" in err
+    for name in ("train_images", "train_labels", "test_images", "test_labels"):
+        assert np.array_equal(getattr(first, name), getattr(again, name))
+    assert again.class_names == first.class_names
+    assert cache_file.read_bytes() == good  # rewritten whole (atomically: no .tmp left)
+    assert [file.name for file in cache.iterdir()] == [cache_file.name]
+    data.load(f"folder:{tree}", 8, cache_dir=cache)
+    assert capsys.readouterr().err == ""
+
+
+def test_cache_directory_must_be_a_writable_directory(tmp_path, monkeypatch):
+    tree = make_tree(tmp_path / "tree")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a directory")
+    for given in (a_file, a_file / "below"):
+        with pytest.raises(ScalingError, match="set SCALING_CACHE_DIR .* writable") as error:
+            data.load(f"folder:{tree}", 8, cache_dir=given)
+        assert "\n" not in str(error.value) and str(given) in str(error.value)
+    monkeypatch.setenv("SCALING_CACHE_DIR", str(a_file))
+    with pytest.raises(ScalingError, match=f"cache directory {re.escape(str(a_file))} is not a"):
+        data.load(f"folder:{tree}", 8)
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    if os.geteuid() == 0:  # root writes whatever the mode bits say: stand in for the refusal
+
+        def denied(*args, **kwargs):
+            raise PermissionError(13, "Permission denied")
+
+        monkeypatch.setattr(data.tempfile, "TemporaryFile", denied)
+    with pytest.raises(ScalingError, match="locked is not writable \\(Permission denied\\)"):
+        data.load(f"folder:{tree}", 8, cache_dir=locked)
+    locked.chmod(0o755)
+    assert not list(locked.iterdir())
+
+
+def make_one_class_tree(root: Path) -> Path:
+    for split in ("train", "test"):
+        (root / split / "apple").mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (10, 14), COLOURS["apple"]).save(root / split / "apple" / f"{i}.png")
+    return root
+
+
+def test_one_class_is_refused(tmp_path, monkeypatch):
+    solo = make_one_class_tree(tmp_path / "solo")
+    archive = make_archive(solo, tmp_path / "solo.tar.gz")
+    cache = tmp_path / "cache"
+    for source, opener in [(f"folder:{solo}", data.load), (f"folder:{solo}", data.open_stream),
+                           (f"folder:{archive}", data.load)]:  # fmt: skip
+        message = f"data source {source} has only one class (apple); classification needs at least"
+        with pytest.raises(ScalingError, match=re.escape(message)):
+            opener(source, 8, cache_dir=cache)
+    assert not list(cache.glob("*.npz"))  # refused before decoding
+    # A second class none of whose images decode leaves one class too.
+    (solo / "train" / "mango").mkdir()
+    (solo / "train" / "mango" / "0.png").write_bytes(b"not an image")
+    with pytest.warns(UserWarning, match="skipped 1 image"):
+        with pytest.raises(ScalingError, match=r"has only one class \(apple\)"):
+            data.load(f"folder:{solo}", 8, cache_dir=cache)
+    # Every source: labels of a single class, whatever the class names.
+    images = np.zeros((20, 8, 8, 3), np.uint8)
+    one_label = ((images, np.full(20, 3, np.int32)), None, tuple("0123456789"))
+    monkeypatch.setattr(data, "_load_digits", lambda size: one_label)
+    with pytest.raises(ScalingError, match=r"data source digits has only one class \(3\)"):
+        data.load("digits", 8)
 
 
 # --- tfds --------------------------------------------------------------------------------------

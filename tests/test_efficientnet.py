@@ -133,6 +133,15 @@ def test_compound_scaling_about_doubles_macs_per_phi():
         models.abstract("efficientnet", phi=1, width_coefficient=1.1)
 
 
+def test_phi_must_be_a_finite_number_from_zero():
+    for phi in (-100, -0.5, float("nan"), float("inf"), "1", True):
+        message = f"phi must be a finite number >= 0 (0 is B0), got {phi!r}"
+        with pytest.raises(ScalingError, match=re.escape(message)):
+            models.abstract("efficientnet", phi=phi)
+    for phi in (0, 0.5, np.float32(1.5)):  # the range's edge and fractions build (shapes only)
+        assert models.count_params(models.abstract("efficientnet_cifar", phi=phi)) > 0
+
+
 def test_solver_hits_a_macs_target():
     # Resolution: MACs jump where a size crosses a multiple of a stride ('SAME' rounds up), most
     # at multiples of 32 (+21% from 320 to 321 px); the solver returns the closest size: 320 px

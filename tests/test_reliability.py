@@ -12,7 +12,7 @@ from conftest import ROOT, TRAIN_CONFIG, run_python
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from scaling import Diverged, ScalingError, models, sweep
+from scaling import Diverged, ScalingError, Stopped, models, sweep
 from scaling.config import load_config
 from scaling.models import resnet
 from scaling.train import read_metrics, train
@@ -99,7 +99,8 @@ def test_sigterm_checkpoints_and_exits(tmp_path, uninterrupted):
     sent = time.time()
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=60)[0]
-    assert proc.returncode == 0 and "stopped early" in out, out
+    assert proc.returncode == Stopped.exit_code, out
+    assert "stopped by SIGTERM at step" in out and len(out.splitlines()) == 1, out
     assert time.time() - sent < 30
     stopped = [p for p in checkpoint_dirs(workdir) if p.name.isdigit()]
     assert stopped and not (workdir / "summary.json").exists()

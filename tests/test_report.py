@@ -198,3 +198,171 @@ def test_partial_and_colliding_directories(synthetic_sweep, tmp_path):
     assert "- `name=wrn10_1` no summary.json" in text
     with pytest.raises(ScalingError, match="trial names repeat across the directories"):
         report.write([synthetic_sweep, copy], tmp_path / "both")
+
+
+# ---- Damaged and hostile results directories (no training: the files are written here) ----
+def fake_trial(sweep_dir, name, model="wrn10_1", seed=0, state="done", **files):
+    """A trial directory as training leaves it (config, summary, metrics), any file replaced by
+    the text in `files` (summary_json="{" for a truncated summary.json); its index record."""
+    from scaling.results import SUMMARY
+
+    summary = {k: 1 for k in SUMMARY} | dict(
+        model=model, dataset="synthetic", test_accuracy=0.5, train_accuracy=0.6, seed=seed,
+        params=1000 * (seed + 1), flops=2e6 * (seed + 1), steps=4,
+    )  # fmt: skip
+    texts = {
+        "config.json": json.dumps(dict(model=dict(name=model), seed=seed, batch_size=32)),
+        "summary.json": json.dumps(summary),
+        "metrics.jsonl": "".join(json.dumps(dict(step=s, loss=2.0 / s)) + "\n" for s in (1, 2)),
+    }
+    texts |= {key.replace("_", "."): text for key, text in files.items()}
+    (sweep_dir / name).mkdir(parents=True)
+    for file, text in texts.items():
+        if text is not None:
+            (sweep_dir / name / file).write_text(text)
+    return dict(name=name, state=state, error=None, overrides={"seed": seed, "model.name": model})
+
+
+def write_index_lines(sweep_dir, records, *extra_lines):
+    lines = [json.dumps(r) for r in records] + list(extra_lines)
+    (sweep_dir / "trials.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def tree(root, skip):
+    """Every path under `root` but those under `skip`: what a command may not have added."""
+    return {p for p in root.rglob("*") if not p.is_relative_to(skip)}
+
+
+def test_damaged_trial_files_are_skipped_with_one_warning_each(tmp_path, capsys):
+    sweep_dir = tmp_path / "sweep"
+    records = [
+        fake_trial(sweep_dir, "good", seed=0),
+        fake_trial(sweep_dir, "bad-config", seed=1, config_json='{"model": {"na'),
+        fake_trial(sweep_dir, "list-config", seed=2, config_json="[1, 2]"),
+        fake_trial(sweep_dir, "truncated-summary", seed=3, summary_json='{"model": "wrn'),
+        fake_trial(sweep_dir, "list-summary", seed=4, summary_json="[]"),
+        fake_trial(sweep_dir, "short-summary", seed=5, summary_json='{"model": "wrn10_1"}'),
+        fake_trial(sweep_dir, "typed-summary", seed=6, summary_json=json.dumps(
+            json.loads((sweep_dir / "good" / "summary.json").read_text()) | {"params": "many"}
+        )),
+    ]  # fmt: skip
+    write_index_lines(sweep_dir, records)
+    capsys.readouterr()
+    status = results.load(sweep_dir).set_index("trial").status.to_dict()
+    assert status == {
+        "good": "done",
+        "bad-config": "done",  # its summary still says what it trained
+        "list-config": "done",
+        "truncated-summary": "unreadable summary.json",
+        "list-summary": "unreadable summary.json",
+        "short-summary": "incomplete summary.json",
+        "typed-summary": "incomplete summary.json",
+    }
+    warnings = capsys.readouterr().err.splitlines()
+    assert len(warnings) == 6 and all(w.startswith("warning: ") for w in warnings), warnings
+    for name in ["bad-config", "list-config", "truncated-summary", "list-summary"]:
+        assert sum(f"/{name}/" in w for w in warnings) == 1, (name, warnings)
+    assert any("short-summary/summary.json lacks dataset" in w for w in warnings)
+    assert any("typed-summary/summary.json has values of the wrong type (params)" in w
+               for w in warnings)  # fmt: skip
+    text = report.write([sweep_dir]).read_text()
+    assert "7 trials: 3 done, 2 unreadable summary.json, 2 incomplete summary.json." in text
+    assert "- `truncated-summary` unreadable summary.json" in text
+
+
+def test_report_over_a_damaged_index_renders_the_other_trials(tmp_path, capsys):
+    sweep_dir = tmp_path / "a" / "b" / "c" / "sweep"
+    records = [fake_trial(sweep_dir, f"seed={s}", seed=s) for s in range(2)]
+    records.append(dict(name="seed=2", state="pending", error=None, overrides={"seed": 2}))
+    escape = dict(name="../../../../x", state="done", error=None, overrides={"seed": 9})
+    write_index_lines(sweep_dir, records, "{garbage", json.dumps(escape), '"a string"')
+    capsys.readouterr()
+    text = report.write([sweep_dir], tmp_path / "out").read_text()
+    assert "3 trials: 2 done, 1 pending." in text
+    assert "../" not in (tmp_path / "out" / "runs.csv").read_text()
+    assert len(capsys.readouterr().err.splitlines()) == 3  # one warning per skipped line
+
+
+def test_report_never_writes_outside_out(tmp_path, capsys):
+    """Hostile trial names in the index (`../../../../escape`, an absolute path) copy nothing
+    outside --out; a run found by its config.json deep in the tree is reported."""
+    sweep_dir = tmp_path / "a" / "b" / "c" / "sweep"
+    records = [fake_trial(sweep_dir, "seed=0", seed=0)]
+    fake_trial(sweep_dir / "nested" / "deeper", "run", seed=1)  # no index: found by config.json
+    hostile = [str(tmp_path / "abs-escape"), "../../../../escape", "..", ".", "a/../../escape"]
+    for name in hostile:
+        records.append(dict(name=name, state="done", error=None, overrides={"seed": 7}))
+        fake_trial(sweep_dir, name.replace("/", "_").replace(".", "dot"), seed=7)
+    write_index_lines(sweep_dir, records)
+    out = tmp_path / "a" / "b" / "c" / "out"  # out/runs/../../../../escape is in tmp_path/a
+    before = tree(tmp_path, out)
+    text = report.write([sweep_dir], out).read_text()
+    assert tree(tmp_path, out) == before
+    assert "7 trials: 7 done." in text
+    copied = sorted(p.name for p in (out / "runs").iterdir() if p.is_dir())
+    assert "run" in copied and "seed=0" in copied and len(copied) == 7
+    capsys.readouterr()
+
+
+def test_copy_runs_refuses_targets_outside_out_runs(tmp_path, capsys):
+    """Defence in depth: whatever names the results carry, a copy lands in its own directory
+    right under out/runs or not at all (a warning), even through a symbolic link there."""
+    import pandas as pd
+
+    source = tmp_path / "sweep"
+    fake_trial(source, "ok")
+    out, outside = tmp_path / "deep" / "out", tmp_path / "outside"
+    (out / "runs").mkdir(parents=True)
+    outside.mkdir()
+    (out / "runs" / "linked").symlink_to(outside)
+    names = ["ok", "../../escape", str(tmp_path / "abs"), "", "..", "linked"]
+    df = pd.DataFrame(dict(trial=names, path=str(source / "ok")))
+    before = tree(tmp_path, out / "runs")
+    report.copy_runs(df, out)
+    assert tree(tmp_path, out / "runs") == before and not any(outside.iterdir())
+    assert (out / "runs" / "ok" / "summary.json").is_file()
+    warnings = capsys.readouterr().err.splitlines()
+    assert len(warnings) == 5 and all("not copying trial" in w for w in warnings), warnings
+
+
+@pytest.mark.parametrize("case", ["out is a file", "out under a file", "no such dir",
+                                  "dir is a file", "no trials", "notes unreadable"])  # fmt: skip
+def test_report_bad_input_is_one_line_error_before_any_write(case, tmp_path, capsys):
+    from scaling import cli
+
+    sweep_dir, out = tmp_path / "sweep", tmp_path / "out"
+    write_index_lines(sweep_dir, [fake_trial(sweep_dir, "seed=0")])
+    (tmp_path / "file").write_text("mine\n")
+    (tmp_path / "empty").mkdir()
+    args = {
+        "out is a file": [str(sweep_dir), "--out", str(tmp_path / "file")],
+        "out under a file": [str(sweep_dir), "--out", str(tmp_path / "file" / "out")],
+        "no such dir": [str(sweep_dir), str(tmp_path / "missing"), "--out", str(out)],
+        "dir is a file": [str(tmp_path / "file"), "--out", str(out)],
+        "no trials": [str(tmp_path / "empty"), "--out", str(out)],
+        "notes unreadable": [str(sweep_dir), "--out", str(out), "--notes", str(sweep_dir)],
+    }[case]
+    before = {p: p.read_bytes() if p.is_file() else None for p in tmp_path.rglob("*")}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["report", *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("scaling report: error: "), err
+    assert "Traceback" not in err
+    assert {p: p.read_bytes() if p.is_file() else None for p in tmp_path.rglob("*")} == before
+
+
+def test_report_of_a_sweep_whose_every_file_is_corrupt(tmp_path, capsys):
+    sweep_dir = tmp_path / "sweep"
+    for name in ["seed=0", "seed=1", "seed=2"]:
+        fake_trial(sweep_dir, name, config_json="{", summary_json="\0\xff", metrics_jsonl="[[[")
+    (sweep_dir / "seed=3").mkdir()
+    (sweep_dir / "seed=3" / "config.json").write_text("null")
+    (sweep_dir / "seed=3" / "metrics.jsonl").write_text('{"step": 1, "loss": "x"}\n')
+    (sweep_dir / "trials.jsonl").write_bytes(b"\xff\xfe{{{\n[]\n")
+    text = report.write([sweep_dir], tmp_path / "out").read_text()
+    assert "4 trials: 3 unreadable summary.json, 1 pending." in text
+    for name in ["seed=0", "seed=1", "seed=2"]:
+        assert f"- `{name}` unreadable summary.json" in text
+    assert "Traceback" not in capsys.readouterr().err

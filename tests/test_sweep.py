@@ -2,6 +2,7 @@
 
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -200,9 +201,9 @@ def test_two_processes_equal_one(tmp_path, digits_tree, reading):
 
 
 def _launch(accelerator, **kw):
-    return Launch(study=["--config", "configs/wrn_width_depth.py:seeds=2"], name="wrn",
-                  zone="us-central2-b", accelerator=accelerator, bucket="gs://bkt/studies",
-                  num_trials=18, **kw)  # fmt: skip
+    settings = dict(study=["--config", "configs/wrn_width_depth.py:seeds=2"], name="wrn",
+                    zone="us-central2-b", bucket="gs://bkt/studies", num_trials=18)  # fmt: skip
+    return Launch(accelerator=accelerator, **{**settings, **kw})
 
 
 def test_launcher_single_host_v4_8():
@@ -242,10 +243,10 @@ def test_launcher_multi_host_v4_32_split_across_vms():
 
 def test_skypilot_task_and_bad_launches():
     task = skypilot_task(_launch("v4-32"))
-    assert "accelerators: tpu-v4-32" in task and "use_spot: true" in task
-    assert "source: gs://bkt/studies" in task
-    assert "run: scaling sweep --config configs/wrn_width_depth.py:seeds=2 --workdir " \
-           "/results/wrn --shard 0/1 --distributed" in task  # fmt: skip
+    assert 'accelerators: "tpu-v4-32"' in task and "use_spot: true" in task
+    assert 'source: "gs://bkt/studies"' in task
+    assert 'run: "scaling sweep --config configs/wrn_width_depth.py:seeds=2 --workdir ' \
+           '/results/wrn --shard 0/1 --distributed"' in task  # fmt: skip
     with pytest.raises(ScalingError, match="unknown accelerator"):
         _launch("a100-8")
     with pytest.raises(ScalingError, match="gs://"):
@@ -253,6 +254,85 @@ def test_skypilot_task_and_bad_launches():
     out = scaling_cli("launch", "tpu", "--config", WRN_STUDY, "--name", "Bad_Name", "--zone", "z",
                       "--accelerator", "v4-8", "--bucket", "gs://b")  # fmt: skip
     assert out.returncode == 2 and "--name" in out.stderr
+
+
+@pytest.mark.parametrize("accelerator", ["v4-0", "v4-7", "v5p-12", "tpu-v4-8", "v4-08", "v4-4"])
+def test_launcher_refuses_slices_that_do_not_exist(accelerator):
+    with pytest.raises(ScalingError, match=f"unknown accelerator '{accelerator}'; valid: v2-N, "
+                       "v3-N, v4-N or v5p-N, N TensorCores: a positive multiple of 8"):  # fmt: skip
+        _launch(accelerator)
+
+
+def test_launcher_accepts_whole_hosts():
+    for accelerator, count in [("v4-8", 1), ("v4-32", 4), ("v5p-16", 2), ("v2-8", 1), ("v3-32", 4)]:
+        assert hosts(accelerator) == count
+        assert _launch(accelerator).accelerator == accelerator
+    for zone in ("us-central2-b", "europe-west4-a", "northamerica-northeast1-c"):
+        assert _launch("v4-8", zone=zone).zone == zone
+    for bucket in ("gs://bkt", "gs://my.bkt_1-x/a-b/c.d/", "gs://123/Runs_2"):
+        assert _launch("v4-8", bucket=bucket).bucket == bucket
+
+
+@pytest.mark.parametrize("bucket", ["gs://b; touch /tmp/x", "gs://B", "gs://ok/../x", "gs://ok/./x",
+                                    "gs://bk", "gs://-bkt", "gs://bkt/a b", "gs://bkt/$(id)",
+                                    "gs://bkt//x", "gs://bkt\nfoo: bar", "s3://bkt"])  # fmt: skip
+def test_launcher_refuses_bad_buckets(bucket):
+    with pytest.raises(ScalingError, match=r"--bucket .* is not valid; give gs://BUCKET\[/PATH\]"):
+        _launch("v4-8", bucket=bucket)
+
+
+@pytest.mark.parametrize("zone", ["us-central2-b\nfoo: bar", "z", "US-central2-b", "us-central2",
+                                  "us-central2-b; id", "us-central2-b ", ""])  # fmt: skip
+def test_launcher_refuses_bad_zones(zone):
+    with pytest.raises(ScalingError, match="is not a Google Cloud zone; give REGION-ZONE such as"):
+        _launch("v4-8", zone=zone)
+
+
+def _mount_words(spec):
+    """The words of the gcsfuse mount in the remote command of each VM, as its shell splits it."""
+    remote = [c[-1] for c in tpu_commands(spec) if "--command" in c]
+    return [shlex.split(c.split(" && cd scaling")[0]) for c in remote if "gcsfuse" in c]
+
+
+def test_launcher_values_are_quoted_where_they_land():
+    yaml = pytest.importorskip("yaml")
+    spec = _launch("v4-32", zone="europe-west4-a", bucket="gs://my.bkt_1/a-b/c.d")
+    task = yaml.safe_load(skypilot_task(spec))
+    assert list(task) == ["name", "resources", "workdir", "file_mounts", "setup", "run"]
+    assert task["resources"] == {"accelerators": "tpu-v4-32", "use_spot": True,
+                                 "zone": "europe-west4-a"}  # fmt: skip
+    assert task["file_mounts"] == {"/results": {"source": "gs://my.bkt_1/a-b/c.d", "mode": "MOUNT"}}
+    assert shlex.split(task["run"]) == [
+        *("scaling", "sweep", "--config", "configs/wrn_width_depth.py:seeds=2"),
+        *("--workdir", "/results/wrn", "--shard", "0/1", "--distributed"),
+    ]
+    (words,) = _mount_words(spec)
+    assert words[-4:] == ["--only-dir", "a-b/c.d", "my.bkt_1", "~/bucket)"]
+    # Validation keeps hostile values out; quoting alone still holds them (defence in depth).
+    spec.bucket, spec.zone = "gs://b; touch x$(id)/a b;`id`", "us-central2-b\nfoo: bar"
+    task = yaml.safe_load(skypilot_task(spec))
+    assert list(task) == ["name", "resources", "workdir", "file_mounts", "setup", "run"]
+    assert task["resources"]["zone"] == spec.zone
+    assert task["file_mounts"]["/results"]["source"] == spec.bucket
+    (words,) = _mount_words(spec)
+    assert words[-4:] == ["--only-dir", "a b;`id`", "b; touch x$(id)", "~/bucket)"]
+
+
+def test_launch_command_line_refuses_bad_values_in_one_line(capsys):
+    from scaling import cli
+
+    good = {"--zone": "us-central2-b", "--bucket": "gs://bkt", "--accelerator": "v4-8"}
+    bad = [("--zone", "us-central2-b\nfoo: bar", "--zone 'us-central2-b\\nfoo: bar' is not"),
+           ("--bucket", "gs://b; touch /tmp/x", "--bucket 'gs://b; touch /tmp/x' is not valid"),
+           ("--accelerator", "v4-7", "unknown accelerator 'v4-7'")]  # fmt: skip
+    for target in ("tpu", "skypilot"):
+        for flag, value, message in bad:
+            options = [word for key, v in {**good, flag: value}.items() for word in (key, v)]
+            with pytest.raises(SystemExit) as exit:
+                cli.main(["launch", target, "--config", WRN_STUDY, "--name", "wrn", *options])
+            out, err = capsys.readouterr()
+            assert exit.value.code == 2 and out == ""
+            assert err.count("\n") == 1 and err.startswith(f"scaling launch: error: {message}")
 
 
 @pytest.mark.parametrize("study", sorted(p.name for p in (ROOT / "configs").glob("*.py")

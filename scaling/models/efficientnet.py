@@ -44,6 +44,7 @@ else changes: the same blocks, channels and parameters; multiply-adds grow 12x (
 
 import functools
 import math
+import numbers
 import re
 
 import jax
@@ -422,6 +423,7 @@ def create(name, **kw):
     variant, cifar = parsed
     width, depth, _, dropout = VARIANTS[variant or 0]
     if (phi := kw.pop("phi", None)) is not None:
+        _check_phi(phi)
         if variant:
             raise ScalingError(
                 f"phi scales the B0 baseline; use efficientnet or efficientnet_b0, not {name}"
@@ -434,6 +436,15 @@ def create(name, **kw):
     if cifar:
         defaults.update(small_images=True, num_classes=10)
     return EfficientNet(**{**defaults, **kw})
+
+
+def _check_phi(phi) -> None:
+    """Compound scaling grows B0: phi = 0 is B0 and each unit about doubles the multiply-adds
+    (fractions too: configs/efficientnet_compound.py takes 0.5). A negative phi is no
+    EfficientNet (-100 would silently build one-block stages of 8 channels), and NaN, infinity or
+    a string fail later with no name for the cause."""
+    if isinstance(phi, bool) or not isinstance(phi, numbers.Real) or not 0 <= phi < math.inf:
+        raise ScalingError(f"phi must be a finite number >= 0 (0 is B0), got {phi!r}")
 
 
 def default_image_size(name):
