@@ -90,6 +90,7 @@ def parse_config(config_args):
             load_config(arg.removeprefix("--config="))
     fv = flags.FlagValues()
     config_flags.DEFINE_config_file("config", None, "Config file.", flag_values=fv)
+    argv, sys.argv = sys.argv, ["scaling", *config_args]  # ml_collections finds overrides there
     try:
         fv(["scaling", *config_args])
     except flags.Error as e:
@@ -99,6 +100,8 @@ def parse_config(config_args):
     except (AttributeError, KeyError) as e:  # how ml_collections reports --config.NO_SUCH_KEY
         key = str(e).strip("'\"")
         raise ScalingError(f"config override names a key that does not exist: {key}") from None
+    finally:
+        sys.argv = argv
     if fv.config is None:
         raise ScalingError("give the config with --config FILE.py[:arg]")
     return fv.config

@@ -258,7 +258,7 @@ def outcome(trial_dir: Path, status: int | None, distributed=False) -> tuple[str
         tail = " | ".join(lines[-3:])
         return (
             "failed",
-            f"killed by SIGKILL {1 + RETRIES_AFTER_KILL} times (out of memory?): {tail}",
+            f"killed by SIGKILL {1 + RETRIES_AFTER_KILL} times (out of memory?); last lines: {tail}",
         )
     if status < 0:
         return "failed", f"killed by {signal.Signals(-status).name}"

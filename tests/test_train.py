@@ -206,7 +206,7 @@ def test_every_optimizer_builds_and_steps(optimizer):
         (dict(batch_size=100_000), "exceeds the"),
         (dict(augment="mixup"), "valid: none, crop"),
         (dict(compute_dtype="float16"), "valid: float32, bfloat16"),
-        (dict(num_epochs=2.0), "exactly one of num_steps and num_epochs"),
+        (dict(num_epochs=2.0), "exactly one of config.num_steps and config.num_epochs"),
         (dict(dataset="mnist"), "digits"),
         (dict(model={"name": "resnet7"}), r"6n\+2"),
     ],
