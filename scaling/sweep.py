@@ -255,11 +255,8 @@ def outcome(trial_dir: Path, status: int | None, distributed=False) -> tuple[str
     if status == Diverged.exit_code:
         return "diverged", last
     if status == -signal.SIGKILL:
-        tail = " | ".join(lines[-3:])
-        return (
-            "failed",
-            f"killed by SIGKILL {1 + RETRIES_AFTER_KILL} times (out of memory?); last lines: {tail}",
-        )
+        times, tail = 1 + RETRIES_AFTER_KILL, " | ".join(lines[-3:])
+        return "failed", f"killed by SIGKILL {times} times (out of memory?); last lines: {tail}"
     if status < 0:
         return "failed", f"killed by {signal.Signals(-status).name}"
     return "failed", last

@@ -124,7 +124,7 @@ def test_import_and_init_from_refuse_bad_input_before_any_work(tmp_path):
          "not an empty directory"),
         (("import", str(weights), "--model", "resnet18", "--out", str(tmp_path / "b")),
          "unreadable"),
-        (("train", "--config", f"{TRAIN_CONFIG}:model=resnet8", "--config.init_from",
+        (("train", "--config", f"{TRAIN_CONFIG}:model=resnet8,steps=3", "--config.init_from",
           str(tmp_path / "none"), "--workdir", str(tmp_path / "run")), "pretrained.json"),
     ]  # fmt: skip
     for args, message in cases:
