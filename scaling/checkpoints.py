@@ -155,15 +155,16 @@ def damaged_arrays(restored, expected) -> str | None:
 
 def set_aside(checkpoints: ocp.CheckpointManager, step: int, kind: str, reason: str):
     """Rename checkpoint `step` to STEP.KIND (STEP.KIND-2, ... if taken), out of orbax's sight;
-    one line says why."""
+    one line says why. Process 0 renames; every process skips it."""
     path = Path(checkpoints.directory) / str(step)
     target, n = path.with_name(f"{step}.{kind}"), 1
     while target.exists():
         n += 1
         target = path.with_name(f"{step}.{kind}-{n}")
-    path.rename(target)
-    with quiet_orbax():
-        checkpoints.reload()
+    if jax.process_index() == 0:  # the hosts of a multi-host job share the directory
+        path.rename(target)
+        with quiet_orbax():
+            checkpoints.reload()
     warn(f"checkpoint {step} is {kind} ({reason}); kept as {target.name}, trying the previous one")
 
 
