@@ -329,6 +329,9 @@ def enable_compilation_cache():
 
 
 def main(argv=None):
+    from scaling.ops import cpu
+
+    cpu.configure()  # before JAX starts: it reads XLA_FLAGS and malloc settings once
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)

@@ -8,7 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from scaling.config import load_config
+from scaling.ops import cpu
+
+cpu.configure()  # as the command line does, before JAX starts (tests train on the CPU)
+
+from scaling.config import load_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_CONFIG = str(ROOT / "configs" / "train.py")
@@ -59,7 +63,8 @@ def tiny_config():
 def run_python(code, *, devices=1, xla_flags="", timeout=300):
     """Run `code` in a fresh interpreter with `devices` simulated CPU devices and any further
     `xla_flags`; return stdout."""
-    flags = f"--xla_force_host_platform_device_count={devices} {xla_flags}".strip()
+    ours = "" if cpu.CONVOLUTION_FLAG in xla_flags else cpu.CONVOLUTION_SETTING  # theirs wins
+    flags = f"--xla_force_host_platform_device_count={devices} {ours} {xla_flags}".strip()
     env = dict(os.environ, XLA_FLAGS=flags)
     out = subprocess.run(
         [sys.executable, "-c", code],

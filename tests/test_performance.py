@@ -2,7 +2,6 @@
 
 import functools
 import json
-import os
 import platform
 import re
 
@@ -14,8 +13,9 @@ from conftest import run_python
 from flax import nnx
 from jax import lax
 
-from scaling import CPU_CONVOLUTION_FLAG, flops, models, onednn
+from scaling import flops, models, onednn
 from scaling.models import resnet
+from scaling.ops.cpu import CONVOLUTION_FLAG
 
 
 def ynn_convolutions(compiled_text):
@@ -37,7 +37,6 @@ def conv_gradient_program():
 
 
 def test_convolutions_stay_with_xla_on_cpu():
-    assert f"{CPU_CONVOLUTION_FLAG}=-individual_convolution" in os.environ["XLA_FLAGS"]
     text = conv_gradient_program()
     assert " convolution(" in text and ynn_convolutions(text) == 0
 
@@ -58,7 +57,7 @@ print(json.dumps([ynn_convolutions(conv_gradient_program()), losses]))
 """
     ynn, ours = json.loads(run_python(code).splitlines()[-1])
     # XLA's default, YNNPACK convolutions, by the user's own setting of the flag.
-    flag = f"{CPU_CONVOLUTION_FLAG}=+individual_convolution"
+    flag = f"{CONVOLUTION_FLAG}=+individual_convolution"
     default_ynn, default = json.loads(run_python(code, xla_flags=flag).splitlines()[-1])
     assert ynn == 0 and default_ynn > 0 and len(ours) == 12
     # Another library sums each convolution in another order: the same bound as sharding gets
