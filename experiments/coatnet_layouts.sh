@@ -6,7 +6,7 @@
 # BUDGET=steps=20000,batch_size=128,params=25000000,depths=2+2+3+5+2,small_subset=5000,seeds=3,vit_rel=True
 set -e
 SCALING=${SCALING:-.venv/bin/scaling}
-CIFAR=${CIFAR:-../shared/data/cifar10/cifar10-jpeg.tar.gz}
+CIFAR=${CIFAR:?set CIFAR to CIFAR-10 as an image-folder tree or archive (train/CLASS/*.png, test/...)}
 BUDGET=${BUDGET:-steps=300,batch_size=64,params=700000,depths=1+1+2+3+1,small_subset=1000,seeds=2}
 $SCALING sweep --config "configs/coatnet_layouts.py:dataset=folder:$CIFAR,image_size=32,$BUDGET" \
   --workdir runs/coatnet_layouts

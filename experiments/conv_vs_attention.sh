@@ -6,7 +6,7 @@
 # e.g. BUDGET=steps=20000,batch_size=128,sizes=2500+5000+10000+25000+50000,params=1200000,seeds=3
 set -e
 SCALING=${SCALING:-.venv/bin/scaling}
-CIFAR=${CIFAR:-../shared/data/cifar10/cifar10-jpeg.tar.gz}
+CIFAR=${CIFAR:?set CIFAR to CIFAR-10 as an image-folder tree or archive (train/CLASS/*.png, test/...)}
 BUDGET=${BUDGET:-steps=300,batch_size=64,sizes=500+1000+2000+5000,params=700000,coatnet_depths=1+1+2+3+1,seeds=2}
 $SCALING sweep --config "configs/conv_vs_attention.py:dataset=folder:$CIFAR,image_size=32,$BUDGET" \
   --workdir runs/conv_vs_attention

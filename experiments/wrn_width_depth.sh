@@ -4,7 +4,7 @@
 # on an accelerator raise it, e.g. BUDGET=image_size=32,steps=39000,batch_size=128,seeds=3.
 set -e
 SCALING=${SCALING:-.venv/bin/scaling}
-CIFAR=${CIFAR:-../shared/data/cifar10/cifar10-jpeg.tar.gz}
+CIFAR=${CIFAR:?set CIFAR to CIFAR-10 as an image-folder tree or archive (train/CLASS/*.png, test/...)}
 BUDGET=${BUDGET:-image_size=16,steps=400,batch_size=64,seeds=2}
 $SCALING sweep --config "configs/wrn_width_depth.py:dataset=folder:$CIFAR,$BUDGET" \
   --workdir runs/wrn_width_depth

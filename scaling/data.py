@@ -61,7 +61,7 @@ import numpy as np
 from PIL import Image
 
 from scaling import ScalingError
-from scaling.rundir import first_line, warn
+from scaling.rundir import atomic_file, first_line, warn
 
 SOURCES = "digits, folder:PATH, tfds:NAME, synthetic"
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -617,12 +617,6 @@ def _read_cache(path: pathlib.Path, needed: tuple[str, ...]) -> dict[str, np.nda
 
 
 def _save_atomic(path: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write an .npz next to `path` and rename it into place, so no reader sees half a file."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            np.savez(file, **arrays)
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+    """Write an .npz so that no reader ever sees half of it (`rundir.atomic_file`)."""
+    with atomic_file(path, "wb") as file:
+        np.savez(file, **arrays)

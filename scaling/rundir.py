@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from scaling import ScalingError
@@ -26,10 +27,11 @@ MARKER = ".scaling"
 LOCK = ".lock"
 # What a run or sweep directory may hold that this product wrote (and so may clear).
 OWN_ENTRIES = (
-    MARKER, LOCK, "config.json", "summary.json", "metrics.jsonl", "metrics.tmp", "train.log",
-    "checkpoints", "trials.jsonl", "config.json.tmp", "summary.json.tmp", "trials.jsonl.tmp",
+    MARKER, LOCK, "config.json", "summary.json", "metrics.jsonl", "train.log", "checkpoints",
+    "trials.jsonl",
 )  # fmt: skip
-OWN_PREFIXES = ("events.out.tfevents.",)  # TensorBoard event files
+# TensorBoard event files; the temporary files of `atomic_file`.
+OWN_PREFIXES = ("events.out.tfevents.", ".config.json.", ".summary.json.", ".metrics.jsonl.")
 # A sweep passes the descriptor of the trial's lock it holds to its trainer child.
 LOCK_FD_VARIABLE = "SCALING_LOCK_FD"
 
@@ -55,10 +57,24 @@ def safe_name(name) -> bool:
 
 
 # ---- JSON files ----
+@contextlib.contextmanager
+def atomic_file(path, mode="w"):
+    """A file to write `path` through: written beside it and renamed into place when the block
+    ends, so no reader (nor a kill) ever sees half of it; removed if the block raises."""
+    path = Path(path)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, mode) as file:
+            yield file
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
 def write_json_atomic(path, obj):
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    with atomic_file(path) as file:
+        file.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def read_json(path) -> dict | None:
@@ -146,9 +162,18 @@ def read_index(workdir: Path) -> dict[str, dict]:
 
 
 def write_index(workdir: Path, records: dict[str, dict]):
-    tmp = Path(workdir) / "trials.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records.values()))
-    os.replace(tmp, Path(workdir) / "trials.jsonl")
+    with atomic_file(Path(workdir) / "trials.jsonl") as file:
+        file.write("".join(json.dumps(r) + "\n" for r in records.values()))
+
+
+def rewind_metrics(path: Path, step: int) -> list[dict]:
+    """Keep the records of `path` up to `step` (a resumed run redoes the steps after its
+    checkpoint; a line a kill cut short goes too); returns them."""
+    kept = [r for r in read_metrics(path) if r["step"] <= step]
+    if Path(path).exists():
+        with atomic_file(path) as file:
+            file.write("".join(json.dumps(r) + "\n" for r in kept))
+    return kept
 
 
 # ---- Ownership ----

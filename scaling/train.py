@@ -1,8 +1,9 @@
 """Training: one pure, jitted step, data parallel over every local device.
 
-Reads top to bottom: the optimizer and schedule from the config, the on-device augmentation and
-loss, the train and eval steps, then `train()`, which loads data, builds or restores the state,
-loops, evaluates and writes `metrics.jsonl`, `summary.json` and orbax checkpoints into the workdir.
+Reads top to bottom: `check` (every setting, before any I/O), `build` (the state and the jitted
+steps of `steps.py`, with the optimizer of `optim.py`), then `train()`, which loads the data, takes
+the run directory (`rundir.py`), restores the newest sound checkpoint (`checkpoints.py`), loops over
+the batches of `pipeline.py`, evaluates and writes `metrics.jsonl` and `summary.json`.
 
 Parallelism: a one-axis `Mesh` named 'data' over all devices; the state is replicated and each
 global batch is sharded along its first axis, so XLA splits the work and BatchNorm statistics
@@ -14,19 +15,16 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import signal
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -36,163 +34,10 @@ from tqdm import tqdm
 from scaling import Diverged, ScalingError, Stopped, data, flops, models, pretrained, rundir
 from scaling import checkpoints as ckpt
 from scaling.config import check_training_config
+from scaling.optim import make_optimizer
+from scaling.pipeline import data_on_device, evaluate, global_batches, pixel_statistics
 from scaling.rundir import json_config, read_metrics, write_json_atomic
-
-OPTIMIZERS = {
-    "sgd": optax.sgd,
-    "adam": optax.adam,
-    "adamw": optax.adamw,
-    "rmsprop": optax.rmsprop,
-    "adagrad": optax.adagrad,
-    "adadelta": optax.adadelta,
-    "lamb": optax.lamb,
-}
-DECOUPLED_DECAY = ("adamw", "lamb")  # these apply weight decay themselves
-AUGMENTATIONS = ("none", "crop", "flip", "crop_flip")
-
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-ZERO_SUMS = dict(loss=np.float32(0), accuracy=np.float32(0), steps=np.int32(0))
-
-
-def make_schedule(config, total_steps):
-    """Learning rate per step: constant, cosine to zero, or step decay; linear warmup first."""
-    s, lr = config.schedule, config.lr
-    warmup = min(s.warmup_steps, total_steps)
-    rest = max(total_steps - warmup, 1)
-    if s.name == "constant":
-        main = optax.constant_schedule(lr)
-    elif s.name == "cosine":
-        main = optax.cosine_decay_schedule(lr, rest)
-    elif s.name == "step":
-        bounds = {int(b * total_steps) - warmup: s.decay_factor for b in s.boundaries}
-        main = optax.piecewise_constant_schedule(lr, bounds)
-    else:
-        raise ScalingError(f"unknown schedule {s.name!r}; valid: constant, cosine, step")
-    if not warmup:
-        return main
-    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
-
-
-def make_optimizer(config, total_steps):
-    """The optax transformation named by the config, with decay and clipping around it."""
-    settings = dict(config.optimizer)
-    name = settings.pop("name")
-    if name not in OPTIMIZERS:
-        raise ScalingError(f"unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}")
-    schedule = make_schedule(config, total_steps)
-
-    # Decay conv and dense kernels only, found by name (a scanned stack of norm scales is 2-D
-    # too): biases, norm scales, position embeddings and relative-bias tables are not decayed.
-    def kernels(params):
-        is_kernel = lambda path, _: any(getattr(k, "key", None) == "kernel" for k in path)  # noqa: E731
-        return jax.tree_util.tree_map_with_path(is_kernel, params)
-
-    if name in DECOUPLED_DECAY:
-        settings.update(weight_decay=config.weight_decay, mask=kernels)
-    try:
-        optimizer = OPTIMIZERS[name](schedule, **settings)
-    except TypeError as e:
-        raise ScalingError(f"optimizer {name}: {str(e).split('() ')[-1]}") from None
-    chain = []
-    if config.grad_clip_norm:
-        chain.append(optax.clip_by_global_norm(config.grad_clip_norm))
-    if config.weight_decay and name not in DECOUPLED_DECAY:
-        chain.append(optax.add_decayed_weights(config.weight_decay, mask=kernels))
-    return optax.chain(*chain, optimizer), schedule
-
-
-def augment(images, key, kind, pad=4):
-    """Pad-`pad` random crop and/or horizontal flip, per image, on the device."""
-    n, h, w, c = images.shape
-    crop_key, flip_key = jax.random.split(key)
-    if "crop" in kind:
-        padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-        corners = jax.random.randint(crop_key, (n, 2), 0, 2 * pad + 1)
-        crop = lambda im, yx: jax.lax.dynamic_slice(im, (yx[0], yx[1], 0), (h, w, c))  # noqa: E731
-        images = jax.vmap(crop)(padded, corners)
-    if "flip" in kind:
-        flip = jax.random.bernoulli(flip_key, 0.5, (n, 1, 1, 1))
-        images = jnp.where(flip, images[:, :, ::-1], images)
-    return images
-
-
-def cross_entropy(logits, labels, smoothing=0.0):
-    targets = jax.nn.one_hot(labels, logits.shape[-1])
-    if smoothing:
-        targets = optax.smooth_labels(targets, smoothing)
-    return optax.softmax_cross_entropy(logits, targets)
-
-
-def normalize(images, state):
-    run = state["run"]
-    return (images.astype(jnp.float32) - run["pixel_mean"]) / run["pixel_std"]
-
-
-def make_steps(config, train_def, eval_def, tx):
-    """The pure train and eval step functions, closed over the static pieces. The seed's key
-    and the pixel statistics travel in the state, not in the program, so trials that differ
-    only in seed or data subset share one compiled step (JAX's compilation cache)."""
-
-    def train_step(state, images, labels):
-        key = jax.random.fold_in(state["run"]["key"], state["step"])
-        images = normalize(augment(images, key, config.augment), state)
-
-        def loss_fn(params):
-            # copy: the statistics are updated inside this trace, so they must be born in it
-            model = nnx.merge(train_def, params, state["model_state"], copy=True)
-            logits = model(images)
-            loss = cross_entropy(logits, labels, config.label_smoothing).mean()
-            return loss, (logits, nnx.state(model, nnx.Not(nnx.Param)))
-
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (loss, (logits, model_state)), grads = grad_fn(state["params"])
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        new_state = dict(
-            step=state["step"] + 1,
-            params=optax.apply_updates(state["params"], updates),
-            model_state=model_state,
-            opt_state=opt_state,
-            run=state["run"],
-        )
-        # Running sums since the last log line; kept in the state, so a resumed run logs
-        # exactly what an uninterrupted one would have.
-        sums = state["metric_sums"]
-        new_state["metric_sums"] = dict(
-            loss=sums["loss"] + loss,
-            accuracy=sums["accuracy"] + jnp.mean(jnp.argmax(logits, -1) == labels),
-            steps=sums["steps"] + 1,
-        )
-        return new_state
-
-    def eval_step(state, images, labels, mask):
-        model = nnx.merge(eval_def, state["params"], state["model_state"])
-        logits = model(normalize(images, state))
-        loss = cross_entropy(logits, labels) * mask
-        correct = (jnp.argmax(logits, -1) == labels) * mask
-        return {"loss": loss.sum(), "correct": correct.sum(), "count": mask.sum()}
-
-    return train_step, eval_step
-
-
-def pixel_statistics(ds, sample=10_000):
-    """Per-channel mean and std of the training images, for normalisation inside the step: all
-    of them in memory; for a stream the first `sample` (a stratified subset, by the order of
-    `data.nested_subset_order`), so that it costs one pass of decoding, not an epoch."""
-    if isinstance(ds, data.Dataset):
-        pixels = ds.train_images.reshape(-1, ds.train_images.shape[-1]).astype(np.float64)
-        mean, std = pixels.mean(0), pixels.std(0)
-    else:
-        first = grain.MapDataset.range(min(sample, len(ds.train))).map(lambda i: ds.train[i][0])
-        count, sums, squares = 0, 0.0, 0.0  # every host reads the same images: they agree
-        for images in read_ahead(first, 512).batch(256):
-            pixels = images.reshape(-1, images.shape[-1]).astype(np.float64)
-            count += len(pixels)
-            sums = sums + pixels.sum(0)
-            squares = squares + np.square(pixels).sum(0)
-        mean = sums / count
-        std = np.sqrt(squares / count - mean**2)
-    return mean.astype(np.float32), std.astype(np.float32) + 1e-3
+from scaling.steps import AUGMENTATIONS, DTYPES, ZERO_SUMS, make_steps
 
 
 def num_train_steps(config, num_examples):
@@ -205,29 +50,6 @@ def num_train_steps(config, num_examples):
     if steps < 1:
         raise ScalingError(f"training needs at least one step, got {steps}")
     return steps
-
-
-def batch_indices(step, num_examples, batch_size, seed):
-    """Example indices of global batch `step`: a fresh permutation each epoch, a pure function
-    of (seed, step), so a resumed run sees exactly the batches it would have seen."""
-    epoch, i = divmod(step, num_examples // batch_size)
-    return epoch_order(num_examples, seed, epoch)[i * batch_size : (i + 1) * batch_size]
-
-
-@functools.lru_cache(maxsize=2)  # computed once per epoch, not once per step
-def epoch_order(num_examples, seed, epoch):
-    return np.random.default_rng([seed, epoch]).permutation(num_examples)
-
-
-def evaluate(eval_step, state, examples, count, *, batch_size, sharding):
-    """Mean loss and accuracy over the first `count` of `examples` (a `data.Examples` split);
-    the last batch is padded and masked."""
-    totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
-    for batch in eval_batches(examples, count, batch_size):
-        out = eval_step(state, *to_global(batch, sharding))
-        for k, v in jax.device_get(out).items():
-            totals[k] += float(v)
-    return totals["loss"] / totals["count"], totals["correct"] / totals["count"]
 
 
 @contextlib.contextmanager
@@ -250,100 +72,6 @@ def stop_on_signal():
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-
-
-def host_slice(indices):
-    """This host's contiguous share of a global batch (all of it on a single host)."""
-    return np.array_split(indices, jax.process_count())[jax.process_index()]
-
-
-def to_global(arrays, sharding):
-    """Global arrays sharded along the batch from each host's share (multi-controller JAX)."""
-    return tuple(jax.make_array_from_process_local_data(sharding, a) for a in arrays)
-
-
-# Reading runs ahead of the step on host threads (grain): decoding (PIL) and copying release
-# the GIL. Bounded, because a batch of large images is large.
-READ_THREADS = min(16, os.cpu_count() or 1)
-
-
-def read_ahead(dataset, buffer):
-    """`dataset`'s elements in order, computed up to `buffer` ahead on `READ_THREADS` threads."""
-    options = grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=buffer)
-    return dataset.to_iter_dataset(options)
-
-
-def train_batches(ds, start, end, batch_size, seed):
-    """This host's share of global training batches start..end-1, as uint8 images and labels.
-    In memory a batch is one gather; a `data.Stream` decodes example by example on the threads.
-    Augmentation runs later, on the devices, in the step."""
-    n, local = len(ds.train_labels), batch_size // jax.process_count()
-
-    @functools.lru_cache(maxsize=4 * READ_THREADS)  # a stream asks once per example
-    def indices(step):
-        return host_slice(batch_indices(step, n, batch_size, seed))
-
-    if isinstance(ds, data.Stream):
-        positions = grain.MapDataset.range(start * local, end * local)
-        examples = positions.map(lambda p: ds.train[indices(p // local)[p % local]])
-        return read_ahead(examples, 2 * local).batch(local)
-
-    def gather(step):
-        return ds.train_images[indices(step)], ds.train_labels[indices(step)]
-
-    return read_ahead(grain.MapDataset.range(start, end).map(gather), 2)
-
-
-def global_batches(ds, start, end, batch_size, seed, sharding, on_device):
-    """Global training batches start..end-1, sharded along the batch, as the step takes them:
-    gathered on the devices (`device_batches`) or read by this host (`train_batches`).
-    `scaling bench` times this."""
-    if on_device:
-        return device_batches(ds, start, end, batch_size, seed, sharding)
-    batches = train_batches(ds, start, end, batch_size, seed)
-    return (to_global(batch, sharding) for batch in batches)
-
-
-def data_on_device(setting, ds) -> bool:
-    """Whether the training set is held on the devices (`device_batches`): `setting` when given
-    (config.data_on_device); else on accelerators when it is in memory and takes under a quarter
-    of a device's memory, and never on CPU, whose device memory is the host's."""
-    if isinstance(ds, data.Stream):
-        return False
-    if setting is not None:
-        return setting
-    if jax.default_backend() == "cpu":
-        return False
-    memory = jax.local_devices()[0].memory_stats() or {}
-    return ds.train_images.nbytes < memory.get("bytes_limit", 0) / 4
-
-
-def device_batches(ds, start, end, batch_size, seed, sharding):
-    """Global training batches start..end-1 gathered on the devices, each from a copy of the
-    training set it holds: per step only the batch's indices leave the host. The same batches
-    as `train_batches`."""
-    replicated = NamedSharding(sharding.mesh, P())
-    images, labels = to_global((ds.train_images, ds.train_labels), replicated)
-    take = jax.jit(lambda x, y, i: (x[i], y[i]), out_shardings=sharding)
-    for step in range(start, end):
-        indices = batch_indices(step, len(ds.train_labels), batch_size, seed)
-        yield take(images, labels, indices.astype(np.int32))
-
-
-def eval_batches(examples, count, batch_size):
-    """This host's share of (images, labels, mask) batches over the first `count` examples."""
-    local = batch_size // jax.process_count()
-    image_shape, offsets = examples[0][0].shape, host_slice(np.arange(batch_size))
-
-    def example(p):
-        position = p // local * batch_size + offsets[p % local]
-        if position >= count:  # padding: masked out
-            return np.zeros(image_shape, np.uint8), np.int32(0), np.float32(0)
-        image, label = examples[position]
-        return image, np.int32(label), np.float32(1)
-
-    positions = grain.MapDataset.range(-(-count // batch_size) * local)
-    return read_ahead(positions.map(example), 2 * local).batch(local)
 
 
 def settings_of(config) -> dict:
@@ -494,12 +222,8 @@ def run(config, workdir: Path, ds, model_settings, total_steps, stop_after):
     state = ckpt.restore_latest(checkpoints, state)
     start = int(state["step"])
     is_writer = jax.process_index() == 0
-    # Steps after the checkpoint are redone: drop their records (and any line a kill cut short).
-    kept = [r for r in read_metrics(metrics_path) if r["step"] <= start]
-    if is_writer and metrics_path.exists():
-        tmp = metrics_path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, metrics_path)
+    # Steps after the checkpoint are redone: drop their records.
+    kept = rundir.rewind_metrics(metrics_path, start) if is_writer else []
     wall_before = max((r["wall_time"] for r in kept), default=0.0)
     finished = start >= total_steps and rundir.read_json(workdir / "summary.json")
     if finished:
@@ -582,8 +306,27 @@ def run(config, workdir: Path, ds, model_settings, total_steps, stop_after):
     wall_seconds = wall()
     log(dict(step=total_steps, test_loss=test_loss, test_accuracy=test_acc, wall_time=wall_seconds))
     records = [r for r in read_metrics(metrics_path) if "images_per_second" in r]
-    macs, activations = flops.macs_and_activations(abstract_model, config.image_size)
     summary = dict(
+        summary_of(config, abstract_model, ds, total_steps),
+        train_accuracy=train_acc,
+        test_accuracy=test_acc,
+        train_loss=train_loss,
+        test_loss=test_loss,
+        generalization_gap=train_acc - test_acc,
+        wall_seconds=wall_seconds,
+        images_per_second=float(np.median([r["images_per_second"] for r in records])),
+    )
+    if is_writer:
+        write_json_atomic(workdir / "summary.json", summary)
+        board.close()
+    return summary
+
+
+def summary_of(config, abstract_model, ds, total_steps) -> dict:
+    """What a finished run's summary.json says besides its results: the model's size and cost,
+    the data, the budget."""
+    macs, activations = flops.macs_and_activations(abstract_model, config.image_size)
+    return dict(
         model=config.model.name,
         dataset=config.dataset,
         params=models.count_params(abstract_model),
@@ -592,21 +335,10 @@ def run(config, workdir: Path, ds, model_settings, total_steps, stop_after):
         activations=activations,
         image_size=config.image_size,
         num_classes=ds.num_classes,
-        train_examples=n_train,
+        train_examples=len(ds.train_labels),
         steps=total_steps,
-        train_accuracy=train_acc,
-        test_accuracy=test_acc,
-        train_loss=train_loss,
-        test_loss=test_loss,
-        generalization_gap=train_acc - test_acc,
         examples_seen=total_steps * config.batch_size,
-        wall_seconds=wall_seconds,
-        images_per_second=float(np.median([r["images_per_second"] for r in records])),
-        devices=devices,
+        devices=jax.device_count(),
         seed=config.seed,
         config=json_config(config),
     )
-    if is_writer:
-        write_json_atomic(workdir / "summary.json", summary)
-        board.close()
-    return summary

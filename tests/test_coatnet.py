@@ -13,7 +13,8 @@ from flax import nnx
 from scaling import ScalingError, data, flops, models
 from scaling.config import load_config
 from scaling.models import coatnet
-from scaling.train import read_metrics, train
+from scaling.rundir import read_metrics
+from scaling.train import train
 
 # name: (paper parameters, paper multiply-adds at 224, ours exactly, ours exactly with timm's
 # stride placement (the default), and with the strided expansion (`stride_on='expansion'`)).

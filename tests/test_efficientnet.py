@@ -14,7 +14,8 @@ from flax import nnx
 from scaling import ScalingError, flops, models, onednn, scale
 from scaling.config import load_config
 from scaling.models import efficientnet
-from scaling.train import read_metrics, train
+from scaling.rundir import read_metrics
+from scaling.train import train
 
 # Trainable parameters at 1000 classes, as the reference implementations (TF/Keras) count them.
 PARAMS = {0: 5_288_548, 1: 7_794_184, 2: 9_109_994, 3: 12_233_232}

@@ -45,7 +45,8 @@ def test_cpu_convolution_flag_keeps_the_loss_curve():
     code = """
 import json, tempfile
 from scaling.config import load_config
-from scaling.train import read_metrics, train
+from scaling.rundir import read_metrics
+from scaling.train import train
 config = load_config('configs/train.py:model=resnet8,image_size=16,steps=12,batch_size=64,lr=0.01')
 config.log_every = 1
 with tempfile.TemporaryDirectory() as d:

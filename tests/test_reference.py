@@ -21,7 +21,8 @@ from flax import nnx
 from scaling import ScalingError, convert, models, pretrained
 from scaling.config import load_config
 from scaling.models import resnet
-from scaling.train import read_metrics, train
+from scaling.rundir import read_metrics
+from scaling.train import train
 
 TOLERANCE = 1e-5  # relative: max |ours - reference| / max |reference|
 FIXTURES = sorted(path.stem for path in reference.FIXTURES.glob("*.json"))

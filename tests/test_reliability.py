@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 from scaling import Diverged, ScalingError, Stopped, models, rundir, sweep
 from scaling.config import load_config
 from scaling.models import resnet
-from scaling.train import read_metrics, train
+from scaling.rundir import read_metrics
+from scaling.train import train
 
 SPEC = f"{TRAIN_CONFIG}:model=resnet8,image_size=8,steps=24,batch_size=32"
 ARGS = ["--config", SPEC, "--config.log_every=2", "--config.checkpoint_every=4"]

@@ -16,7 +16,7 @@ from conftest import ROOT, scaling_cli
 from scaling import ScalingError, sweep
 from scaling.config import load_config
 from scaling.launch import Launch, hosts, skypilot_task, tpu_commands
-from scaling.train import read_metrics
+from scaling.rundir import read_metrics
 
 WRN_STUDY = str(ROOT / "configs" / "wrn_width_depth.py")
 TINY = "depths=10,widths=1+2,seeds=2,steps=6,image_size=8,batch_size=32"

@@ -9,7 +9,11 @@ from conftest import TRAIN_CONFIG, run_python
 
 from scaling import ScalingError
 from scaling.config import load_config
-from scaling.train import augment, batch_indices, make_schedule, read_metrics, train
+from scaling.optim import make_schedule
+from scaling.pipeline import batch_indices
+from scaling.rundir import read_metrics
+from scaling.steps import augment
+from scaling.train import train
 
 
 def losses(workdir):
@@ -113,7 +117,9 @@ import json, tempfile
 import jax, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from scaling.config import load_config
-from scaling.train import augment, read_metrics, train
+from scaling.rundir import read_metrics
+from scaling.steps import augment
+from scaling.train import train
 config = load_config('configs/train.py:model=resnet8,image_size=16,steps=12,batch_size=64,lr=0.01')
 config.log_every = 1
 config.data_on_device = jax.device_count() == 8  # batches gathered on the devices, sharded
@@ -189,7 +195,7 @@ def test_schedules_with_warmup(tiny_config, name, check):
 def test_every_optimizer_builds_and_steps(optimizer):
     import jax.numpy as jnp
 
-    from scaling.train import make_optimizer
+    from scaling.optim import make_optimizer
 
     config = load_config(f"{TRAIN_CONFIG}:optimizer={optimizer},lr=0.01")
     config.grad_clip_norm, config.label_smoothing = 1.0, 0.1
@@ -218,7 +224,7 @@ def test_bad_settings_fail_before_training(tmp_path, tiny_config, overrides, mes
 
 
 def test_bad_optimizer_names_and_settings(tiny_config):
-    from scaling.train import make_optimizer
+    from scaling.optim import make_optimizer
 
     config = tiny_config()
     config.optimizer.name = "adam"  # still carries sgd's momentum
@@ -233,7 +239,7 @@ def test_weight_decay_reaches_kernels_only():
     import jax
     import jax.numpy as jnp
 
-    from scaling.train import make_optimizer
+    from scaling.optim import make_optimizer
 
     for name in ("sgd", "adamw"):
         config = load_config(f"{TRAIN_CONFIG}:optimizer={name},lr=0.1,schedule=constant")

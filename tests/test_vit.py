@@ -15,7 +15,8 @@ from scaling import ScalingError, flops, models
 from scaling.cli import main as cli_main
 from scaling.config import load_config
 from scaling.models import vit
-from scaling.train import read_metrics, train
+from scaling.rundir import read_metrics
+from scaling.train import train
 
 # Trainable parameters at 224x224, 1000 classes, class token (timm / the paper's code agree).
 PARAMS = [
