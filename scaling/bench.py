@@ -11,18 +11,17 @@ that makes, and the utilisation against this machine's measured peak (a large ma
 the same way) and, on accelerators, the chip's datasheet peak; also the images/second of the
 training input pipeline alone (in memory, or `--stream SOURCE` decoded from disk as
 `config.stream` training reads it), and that as a multiple of what the training step consumes.
-With `--compare torch` the PyTorch twins in benchmarks/torch_twins.py (same layers, same
-parameter count, checked) are timed window by window in turn with the JAX model, on the CPU,
-each twin in a process of its own with glibc's default malloc settings: PyTorch as a user runs
-it. In one process with JAX it ran 20-50% slower (JAX's threads and `import scaling`'s malloc
-settings beside it; README "Performance", change 12). The JAX/PyTorch ratio is the median, over
-the windows, of each JAX window's ratio to the PyTorch window beside it, with its range: the
-host's speed drifts by more than the libraries differ.
+With `--compare torch` the PyTorch twins of `scaling.twins` (same layers, same parameter
+count, checked; PyTorch is the `torch` extra) are timed window by window in turn with the JAX
+model, on the CPU, each twin in a process of its own with glibc's default malloc settings:
+PyTorch as a user runs it. In one process with JAX it ran 20-50% slower (JAX's threads and the
+malloc settings of `scaling.ops.cpu.configure()` beside it; docs/performance.md). The ratio is
+the median, over the windows, of each JAX window's ratio to the PyTorch window beside
+it, with its range: the host's speed drifts by more than the libraries differ.
 """
 
 import contextlib
 import functools
-import importlib.util
 import itertools
 import json
 import multiprocessing
@@ -38,8 +37,10 @@ import jax
 import numpy as np
 from flax import nnx
 
-from scaling import ScalingError, data, flops, models, train
-from scaling.config import load_config
+from scaling import ScalingError, data, flops, models, ops, pipeline, train
+from scaling.config import training_config
+from scaling.optim import make_optimizer
+from scaling.steps import DTYPES, make_steps
 
 # The standard benchmark: one model per family at CIFAR size, the twins' shapes.
 MODELS = {
@@ -63,8 +64,6 @@ DATASHEET_PEAK = {
     "TPU v5 lite": 197e12,
     "TPU v5p": 459e12,
 }
-TWINS_FILE = Path(__file__).resolve().parents[1] / "benchmarks" / "torch_twins.py"
-TRAIN_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "train.py"
 
 
 def spec(name):
@@ -95,7 +94,7 @@ def processor() -> str:
 
 def measured_peak(dtype, windows=5) -> float:
     """FLOP/s of a large square matmul, the practical peak of this device."""
-    n = 2048 if jax.default_backend() == "cpu" else 8192
+    n = 2048 if ops.backend() == "cpu" else 8192
     a = jax.random.normal(jax.random.key(0), (n, n), dtype)  # constant data runs faster on GPUs
     matmul = jax.jit(lambda a: a @ a)
     jax.block_until_ready(matmul(a))
@@ -111,7 +110,7 @@ def jax_runners(name, batch, image_size, steps, dtype, stream=None):
     step, the evaluation step and the training input pipeline)."""
     registry_name, settings = spec(name)
     arg = f"model={registry_name},image_size={image_size},batch_size={batch},steps=1000"
-    config = load_config(f"{TRAIN_CONFIG}:{arg}")
+    config = training_config(arg)  # the package's own: no configs/ file needed
     with config.unlocked():
         config.model.update(settings)
         config.augment = "none"  # the twins do not augment: time the networks alone
@@ -161,9 +160,9 @@ def input_runner(batch, image_size, steps, sharding, stream=None):
     they would pass 512 MiB), gathered on the devices on accelerators, on the host on CPU; or
     decoded from the `stream` source as `config.stream` training reads it."""
     ds, box = input_dataset(batch, image_size, stream), {"step": 0}
-    on_device = train.data_on_device(None, ds)  # as `scaling train` decides by default
+    on_device = pipeline.data_on_device(None, ds)  # as `scaling train` decides by default
     if on_device:  # the devices' copy of the training set is made once, as in a run
-        endless = train.global_batches(ds, 0, 2**31 - 1, batch, 0, sharding, True)
+        endless = pipeline.global_batches(ds, 0, 2**31 - 1, batch, 0, sharding, True)
     # A host pipeline starts afresh each window, so batches read ahead between windows never count.
 
     def run_input():
@@ -171,7 +170,7 @@ def input_runner(batch, image_size, steps, sharding, stream=None):
         batches = (
             itertools.islice(endless, steps)
             if on_device
-            else train.global_batches(ds, start, start + steps, batch, 0, sharding, False)
+            else pipeline.global_batches(ds, start, start + steps, batch, 0, sharding, False)
         )
         for arrays in batches:
             jax.block_until_ready(arrays)
@@ -202,13 +201,13 @@ def train_step_flops(config, model_settings, state, x, y) -> float:
     abstract.train()
     train_def = nnx.graphdef(abstract)
     abstract.eval()
-    tx, _ = train.make_optimizer(config, 1000)
-    step, _ = train.make_steps(config, train_def, nnx.graphdef(abstract), tx)
+    tx, _ = make_optimizer(config, 1000)
+    step, _ = make_steps(config, train_def, nnx.graphdef(abstract), tx)
     return flops.cost_flops(step, (state, x, y))
 
 
 def load_twins():
-    """benchmarks/torch_twins.py, which needs PyTorch and a source checkout."""
+    """`scaling.twins`, imported only here: it needs PyTorch (the `torch` extra)."""
     try:
         import torch  # noqa: F401
     except ImportError:
@@ -216,11 +215,8 @@ def load_twins():
             "--compare torch needs PyTorch: pip install torch "
             "--index-url https://download.pytorch.org/whl/cpu"
         ) from None
-    if not TWINS_FILE.exists():
-        raise ScalingError(f"--compare torch needs {TWINS_FILE} (a source checkout)")
-    module_spec = importlib.util.spec_from_file_location("torch_twins", TWINS_FILE)
-    twins = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(twins)
+    from scaling import twins
+
     return twins
 
 
@@ -313,8 +309,8 @@ def torch_process(name, batch, image_size, steps, params):
 def bench(names, *, batch=128, image_size=32, steps=3, windows=5, dtype=None, compare=None,
           stream=None, echo=print):  # fmt: skip
     """One record per model (see the module docstring); also the machine's facts."""
-    dtype = dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
-    if compare and jax.default_backend() != "cpu":
+    dtype = dtype or ("float32" if ops.backend() == "cpu" else "bfloat16")
+    if compare and ops.backend() != "cpu":
         raise ScalingError("--compare torch times the PyTorch twins on the CPU: run it there")
     if batch % jax.device_count():
         raise ScalingError(f"--batch {batch} is not divisible by {jax.device_count()} devices")
@@ -327,9 +323,9 @@ def bench(names, *, batch=128, image_size=32, steps=3, windows=5, dtype=None, co
     if stream:
         input_dataset(batch, image_size, stream)  # a bad source fails before any timing too
     device = jax.devices()[0]
-    peak = measured_peak(train.DTYPES[dtype])
+    peak = measured_peak(DTYPES[dtype])
     machine = dict(
-        device=device.device_kind, platform=jax.default_backend(), devices=jax.device_count(),
+        device=device.device_kind, platform=ops.backend(), devices=jax.device_count(),
         processor=processor(), python=sys.version.split()[0],
         jax=jax.__version__, dtype=dtype, measured_peak_flops=peak,
         datasheet_peak_flops=DATASHEET_PEAK.get(device.device_kind),
@@ -339,7 +335,7 @@ def bench(names, *, batch=128, image_size=32, steps=3, windows=5, dtype=None, co
         import torch
 
         machine["torch"] = torch.__version__
-    echo(f"{device.device_kind} ({jax.default_backend()}), {dtype}: peak {peak / 1e9:.1f} GFLOP/s")
+    echo(f"{device.device_kind} ({ops.backend()}), {dtype}: peak {peak / 1e9:.1f} GFLOP/s")
     records = []
     for name in names:
         facts, jax_train, jax_eval, jax_input = jax_runners(

@@ -17,7 +17,7 @@ import jax.extend
 import jax.numpy as jnp
 from flax import nnx
 
-from scaling import onednn
+from scaling.ops import onednn
 
 
 @contextlib.contextmanager

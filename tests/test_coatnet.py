@@ -12,7 +12,7 @@ from flax import nnx
 
 from scaling import ScalingError, data, flops, models
 from scaling.config import load_config
-from scaling.models import coatnet
+from scaling.models import coatnet, layers
 from scaling.rundir import read_metrics
 from scaling.train import train
 
@@ -57,7 +57,7 @@ def output_shape(model, size, batch=2):
 def test_relative_bias_gathers_by_offset_2x2():
     # table[a, b] = 10a + b, so a bias of 10a + b means offset (dy, dx) = (a - 1, b - 1).
     table = (10 * jnp.arange(3)[:, None] + jnp.arange(3)[None, :])[..., None].astype(jnp.float32)
-    bias = coatnet.relative_bias(table, (2, 2))
+    bias = layers.relative_bias(table, (2, 2))
     # Tokens (0,0) (0,1) (1,0) (1,1); entry [i, j] holds the offset of token i from token j.
     expected = [
         [11, 10, 1, 0],
@@ -73,7 +73,7 @@ def test_relative_bias_gathers_by_offset_3x3():
     # table[a, b, h] = 100h + 10a + b for a 3x3 grid: offsets -2..2 at rows/columns 0..4.
     a, b, h = np.meshgrid(np.arange(5), np.arange(5), np.arange(2), indexing="ij")
     table = jnp.asarray(100 * h + 10 * a + b, jnp.float32)
-    bias = coatnet.relative_bias(table, (3, 3))
+    bias = layers.relative_bias(table, (3, 3))
     assert bias.shape == (2, 9, 9)
     # token 0 = (0,0), 4 = (1,1), 8 = (2,2), 2 = (0,2), 6 = (2,0)
     assert bias[0, 0, 0] == 22 and bias[0, 4, 4] == 22  # zero offset: the table's centre
@@ -90,10 +90,10 @@ def test_relative_bias_gathers_by_offset_3x3():
 
 def test_bias_table_resizing_keeps_values_at_the_original_size():
     table = jax.random.normal(jax.random.key(0), (7, 7, 3))
-    assert jnp.array_equal(coatnet.resize_bias_table(table, (4, 4)), table)
-    bigger = coatnet.resize_bias_table(table, (8, 8))
+    assert jnp.array_equal(layers.resize_bias_table(table, (4, 4)), table)
+    bigger = layers.resize_bias_table(table, (8, 8))
     assert bigger.shape == (15, 15, 3)
-    constant = coatnet.resize_bias_table(jnp.full((7, 7, 2), 0.5), (8, 8))
+    constant = layers.resize_bias_table(jnp.full((7, 7, 2), 0.5), (8, 8))
     assert jnp.allclose(constant, 0.5)
 
 

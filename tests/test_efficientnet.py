@@ -11,9 +11,11 @@ import pytest
 from conftest import TRAIN_CONFIG, run_python
 from flax import nnx
 
-from scaling import ScalingError, flops, models, onednn, scale
+from scaling import ScalingError, flops, models, scale
 from scaling.config import load_config
 from scaling.models import efficientnet
+from scaling.models.layers import DepthwiseConv, depthwise_init
+from scaling.ops import depthwise, onednn
 from scaling.rundir import read_metrics
 from scaling.train import train
 
@@ -241,20 +243,20 @@ def test_depthwise_fast_forms_are_xla_convolution(form, padding, size, kernel, s
         )
 
     (y1, g1), (y2, g2) = (
-        loss(efficientnet._depthwise_xla)(x, w),
-        loss(getattr(efficientnet, form))(x, w),
+        loss(depthwise._depthwise_xla)(x, w),
+        loss(getattr(depthwise, form))(x, w),
     )
     assert float(y1) == pytest.approx(float(y2), rel=1e-5)
     for a, b in zip(g1, g2, strict=True):
         assert jnp.allclose(a, b, atol=1e-4)
     # The FLOP counters see one convolution, every tap counted, and leave the fast form in place.
-    conv = efficientnet.DepthwiseConv(
+    conv = DepthwiseConv(
         3,
         kernel,
         stride,
         impl="shift",
         padding=padding,
-        kernel_init=efficientnet.depthwise_init,
+        kernel_init=depthwise_init,
         dtype=None,
         rngs=nnx.Rngs(0),
     )
@@ -263,6 +265,7 @@ def test_depthwise_fast_forms_are_xla_convolution(form, padding, size, kernel, s
     assert flops.xla_flops(conv, size) > 0 and conv.count_as_conv is False
 
 
+@pytest.mark.hlo
 @pytest.mark.skipif(not onednn.available(), reason="the `cpu` extra or a C++ compiler is missing")
 @pytest.mark.parametrize("size,kernel", [(16, 3), (2, 5)])
 def test_onednn_kernel_gradient_only_where_onednn_has_a_depthwise_kernel(size, kernel):
@@ -270,24 +273,23 @@ def test_onednn_kernel_gradient_only_where_onednn_has_a_depthwise_kernel(size, k
     # CPU, 16x16 with 3x3); elsewhere (2x2 with 5x5 here) the loop over examples runs instead.
     x = jnp.ones((4, size, size, 16))
     w = jnp.ones((kernel, kernel, 1, 16))
-    geometry = efficientnet._geometry(x.shape, kernel, 1, "same")
+    geometry = depthwise._geometry(x.shape, kernel, 1, "same")
     name = onednn.implementation("scaling_conv_kernel_gradient", x.shape, w.shape, *geometry)
-    loss = lambda x, w: jnp.sum(jnp.sin(efficientnet._depthwise_onednn(x, w, 1, "same")))  # noqa: E731
+    loss = lambda x, w: jnp.sum(jnp.sin(depthwise._depthwise_onednn(x, w, 1, "same")))  # noqa: E731
     text = jax.jit(jax.grad(loss, (0, 1))).lower(x, w).compile().as_text()
     assert "scaling_conv_forward" in text and "scaling_conv_input_gradient" in text
     assert ("scaling_conv_kernel_gradient" in text) == name.startswith("jit_dw")
     assert ("while" in text) == (not name.startswith("jit_dw"))
 
 
-def test_depthwise_gradient_with_the_batch_sharded_over_devices():
-    # The shift form's kernel gradient loops over examples in groups, one per device; oneDNN's
-    # calls run per device: with the batch sharded over 4 devices both must still equal XLA's
-    # convolution gradient, and be computed sharded.
+def sharded_depthwise_gradients() -> list:
+    """(input-gradient error, kernel-gradient error, whether the compiled program all-gathers) of
+    each fast form against XLA's convolution, with the batch sharded over 4 devices."""
     out = run_python(
         """
 import jax, jax.numpy as jnp
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
-from scaling.models import efficientnet
+from scaling.ops import depthwise
 mesh = jax.make_mesh((4,), ("data",), axis_types=(AxisType.Auto,))  # as scaling.train
 x = jax.random.normal(jax.random.key(0), (8, 6, 6, 16))
 x = jax.device_put(x, NamedSharding(mesh, P("data")))
@@ -295,9 +297,9 @@ w = jax.random.normal(jax.random.key(1), (3, 3, 1, 16))
 def grads(conv):
     f = jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.sin(conv(x, w, 1, "same"))), (0, 1)))
     return f, f(x, w)
-_, (dx0, dw0) = grads(efficientnet._depthwise_xla)
+_, (dx0, dw0) = grads(depthwise._depthwise_xla)
 for form in FORMS:
-    f, (dx, dw) = grads(getattr(efficientnet, form))
+    f, (dx, dw) = grads(getattr(depthwise, form))
     print(float(jnp.abs(dx - dx0).max()), float(jnp.abs(dw - dw0).max()))
     print("all-gather" in f.lower(x, w).compile().as_text())
 """.replace("FORMS", repr(FAST_FORMS)),
@@ -305,9 +307,22 @@ for form in FORMS:
     )
     results = out.split()
     assert len(results) == 3 * len(FAST_FORMS)
-    for dx_error, dw_error, gathers in zip(*[iter(results)] * 3, strict=True):
-        assert float(dx_error) < 1e-5 and float(dw_error) < 1e-4
-        assert gathers == "False"
+    triples = zip(*[iter(results)] * 3, strict=True)
+    return [(float(dx), float(dw), gathers == "True") for dx, dw, gathers in triples]
+
+
+def test_depthwise_gradient_with_the_batch_sharded_over_devices():
+    # The shift form's kernel gradient loops over examples in groups, one per device; oneDNN's
+    # calls run per device: with the batch sharded over 4 devices both must still equal XLA's
+    # convolution gradient.
+    for dx_error, dw_error, _ in sharded_depthwise_gradients():
+        assert dx_error < 1e-5 and dw_error < 1e-4
+
+
+@pytest.mark.hlo
+def test_depthwise_gradient_is_computed_sharded():
+    # ... and be computed sharded: the compiled program never gathers the batch.
+    assert not any(gathers for _, _, gathers in sharded_depthwise_gradients())
 
 
 @pytest.mark.parametrize(
@@ -359,7 +374,7 @@ def test_onednn_depthwise_keeps_the_loss_curve(tmp_path, monkeypatch):
         return [r["loss"] for r in read_metrics(tmp_path / run / "metrics.jsonl") if "loss" in r]
 
     ours = curve("onednn")
-    monkeypatch.setattr(efficientnet, "_depthwise_onednn", efficientnet._depthwise_shift)
+    monkeypatch.setattr(depthwise, "_depthwise_onednn", depthwise._depthwise_shift)
     shift = curve("shift")
     assert len(ours) == 6 and ours[-1] != ours[0]
     # Summed in another order: the bounds of test_performance's convolution flag test.

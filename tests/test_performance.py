@@ -13,8 +13,10 @@ from conftest import run_python
 from flax import nnx
 from jax import lax
 
-from scaling import flops, models, onednn
+from scaling import flops, models
 from scaling.models import resnet
+from scaling.ops import onednn
+from scaling.ops.conv import NHWC, conv_general_dilated
 from scaling.ops.cpu import CONVOLUTION_FLAG
 
 
@@ -36,11 +38,13 @@ def conv_gradient_program():
     return jax.jit(jax.grad(loss)).lower(*args).compile().as_text()
 
 
+@pytest.mark.hlo
 def test_convolutions_stay_with_xla_on_cpu():
     text = conv_gradient_program()
     assert " convolution(" in text and ynn_convolutions(text) == 0
 
 
+@pytest.mark.hlo
 def test_cpu_convolution_flag_keeps_the_loss_curve():
     code = """
 import json, tempfile
@@ -81,12 +85,12 @@ def test_conv_is_xlas_convolution(kernel, stride, padding):
 
     def loss(conv):
         def f(x, w):
-            y = conv(x, w, (stride,) * 2, padding, (1, 1), (1, 1), dimension_numbers=resnet.NHWC)
+            y = conv(x, w, (stride,) * 2, padding, (1, 1), (1, 1), dimension_numbers=NHWC)
             return jnp.sum(jnp.sin(y))
 
         return jax.jit(jax.value_and_grad(f, (0, 1)))(x, w)
 
-    (y1, g1), (y2, g2) = loss(lax.conv_general_dilated), loss(resnet.conv_general_dilated)
+    (y1, g1), (y2, g2) = loss(lax.conv_general_dilated), loss(conv_general_dilated)
     assert float(y2) == pytest.approx(float(y1), rel=1e-5)
     for ours, xlas in zip(g2, g1, strict=True):
         np.testing.assert_allclose(ours, xlas, atol=1e-4)
@@ -96,14 +100,14 @@ def test_conv_is_xlas_convolution(kernel, stride, padding):
 def test_pointwise_conv_is_xlas_convolution(stride, cin, cout):
     # With pointwise=True (EfficientNet, CoAtNet) 1x1 convolutions at any stride are matrix
     # products, their own backward pass included: the same function, values and gradients (odd
-    # sides check the strided sampling), and no convolution left in the compiled program.
+    # sides check the strided sampling).
     x = jax.random.normal(jax.random.key(0), (3, 9, 7, cin))
     w = jax.random.normal(jax.random.key(1), (1, 1, cin, cout))
-    pointwise = functools.partial(resnet.conv_general_dilated, pointwise=True)
+    pointwise = functools.partial(conv_general_dilated, pointwise=True)
 
     def loss(conv):
         def f(x, w):
-            y = conv(x, w, (stride,) * 2, "SAME", (1, 1), (1, 1), dimension_numbers=resnet.NHWC)
+            y = conv(x, w, (stride,) * 2, "SAME", (1, 1), (1, 1), dimension_numbers=NHWC)
             return jnp.sum(jnp.sin(y))
 
         return jax.jit(jax.value_and_grad(f, (0, 1)))
@@ -112,9 +116,24 @@ def test_pointwise_conv_is_xlas_convolution(stride, cin, cout):
     assert float(y2) == pytest.approx(float(y1), rel=1e-5)
     for ours, xlas in zip(g2, g1, strict=True):
         np.testing.assert_allclose(ours, xlas, atol=1e-4)
-    assert "convolution(" not in loss(pointwise).lower(x, w).compile().as_text()
 
 
+@pytest.mark.hlo
+@pytest.mark.parametrize("stride,cin,cout", [(1, 4, 6), (1, 6, 4), (2, 6, 4), (2, 4, 6)])
+def test_pointwise_conv_compiles_to_no_convolution(stride, cin, cout):
+    # ... and no convolution is left in the compiled program, its backward pass included.
+    x, w = jnp.ones((3, 9, 7, cin)), jnp.ones((1, 1, cin, cout))
+    pointwise = functools.partial(conv_general_dilated, pointwise=True)
+
+    def f(x, w):
+        y = pointwise(x, w, (stride,) * 2, "SAME", (1, 1), (1, 1), dimension_numbers=NHWC)
+        return jnp.sum(jnp.sin(y))
+
+    text = jax.jit(jax.value_and_grad(f, (0, 1))).lower(x, w).compile().as_text()
+    assert "convolution(" not in text
+
+
+@pytest.mark.hlo
 def test_kernel_gradient_transposes_its_input_behind_a_conditional():
     # XLA:CPU would fuse the ReLU into the transpose of the kernel gradient's input, which
     # then runs several times slower; a conditional keeps them apart in the compiled program
@@ -123,8 +142,8 @@ def test_kernel_gradient_transposes_its_input_behind_a_conditional():
     w = jax.random.normal(jax.random.key(1), (3, 3, 3, 4))
 
     def loss(w, x):
-        y = resnet.conv_general_dilated(
-            jax.nn.relu(x), w, (1, 1), "SAME", (1, 1), (1, 1), dimension_numbers=resnet.NHWC
+        y = conv_general_dilated(
+            jax.nn.relu(x), w, (1, 1), "SAME", (1, 1), (1, 1), dimension_numbers=NHWC
         )
         return jnp.sum(y)
 
@@ -168,6 +187,7 @@ def test_scanned_resnet_is_the_unrolled_one():
     assert flops.xla_flops(counted[0], 32) == pytest.approx(flops.xla_flops(counted[1], 32), 1e-3)
 
 
+@pytest.mark.hlo
 @pytest.mark.parametrize("backend,loops", [("cpu", 1), ("gpu", 0), ("tpu", 0)])
 def test_scanned_blocks_loop_on_cpu_only(monkeypatch, backend, loops):
     # Accelerators unroll the scan (stack.scan_blocks); the weights stay stacked either way.
@@ -179,6 +199,7 @@ def test_scanned_blocks_loop_on_cpu_only(monkeypatch, backend, loops):
     assert text.count("stablehlo.while") == loops
 
 
+@pytest.mark.hlo
 @pytest.mark.parametrize("name,loops", [("resnet20", 0), ("resnet32", 0), ("resnet44", 3)])
 def test_short_stacks_are_unrolled(name, loops):
     # Stacks of 2, 4 and 6 blocks: the CPU loops over the last only (stack.SHORT_STACK).
@@ -199,7 +220,8 @@ def test_resnet_scans_only_dropout_free_runs_of_blocks():
 
 PAGE_FAULTS = """
 import resource
-import scaling  # sets up malloc before JAX starts its threads
+from scaling.ops import cpu
+cpu.configure()  # sets up malloc before JAX starts its threads (unless SCALING_MALLOPT=0)
 import jax, jax.numpy as jnp
 x = jnp.ones(2**24)
 # tanh(x) is a temporary buffer of 64 MB, above glibc's largest mmap threshold (32 MB).

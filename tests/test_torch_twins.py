@@ -1,20 +1,13 @@
-"""PyTorch twins (benchmarks/torch_twins.py): exact parameter counts against the Flax models, and
-one forward and backward pass at batch 2."""
-
-import importlib.util
+"""PyTorch twins (scaling/twins.py): exact parameter counts against the Flax models, and one
+forward and backward pass at batch 2."""
 
 import pytest
-from conftest import ROOT
 
 from scaling import models
 
 torch = pytest.importorskip("torch")
 
-_spec = importlib.util.spec_from_file_location(
-    "torch_twins", ROOT / "benchmarks" / "torch_twins.py"
-)
-twins = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(twins)
+from scaling import twins  # noqa: E402  (it imports torch: only where torch is installed)
 
 
 @pytest.mark.parametrize("name", list(twins.TWINS))

@@ -15,6 +15,9 @@ from scaling import ScalingError, flops, models
 from scaling.cli import main as cli_main
 from scaling.config import load_config
 from scaling.models import vit
+from scaling.ops import attention
+from scaling.ops.activations import gelu
+from scaling.ops.dense import MATRIX_PRODUCTS, dense_product
 from scaling.rundir import read_metrics
 from scaling.train import train
 
@@ -98,10 +101,10 @@ def test_gelu_is_the_exact_gelu():
     # to float32 rounding; only relative precision in the far negative tail differs.
     x = jnp.linspace(-12, 12, 100_001)
     exact = functools.partial(jax.nn.gelu, approximate=False)
-    np.testing.assert_allclose(vit.gelu(x), exact(x), atol=2e-6, rtol=1e-5)
-    grad = jax.vmap(jax.grad(vit.gelu))(x)
+    np.testing.assert_allclose(gelu(x), exact(x), atol=2e-6, rtol=1e-5)
+    grad = jax.vmap(jax.grad(gelu))(x)
     np.testing.assert_allclose(grad, jax.vmap(jax.grad(exact))(x), atol=1e-6)
-    assert vit.gelu(jnp.ones(3, jnp.bfloat16)).dtype == jnp.bfloat16
+    assert gelu(jnp.ones(3, jnp.bfloat16)).dtype == jnp.bfloat16
 
 
 def test_scan_and_unrolled_give_the_same_outputs(tiny):
@@ -132,7 +135,7 @@ def test_on_cpu_only_matrix_products_are_kept_for_the_backward_pass(tiny, monkey
     graphdef, params, rest = nnx.split(tiny, nnx.Param, ...)
     loss = lambda p, r: nnx.merge(graphdef, p, r, copy=True)(x).sum()  # noqa: E731
     jaxpr = str(jax.make_jaxpr(jax.grad(loss))(params, rest))
-    assert vit.MATRIX_PRODUCTS.__qualname__ == "save_from_both_policies.<locals>.policy"
+    assert MATRIX_PRODUCTS.__qualname__ == "save_from_both_policies.<locals>.policy"
     assert "policy=<function save_from_both_policies.<locals>.policy" in jaxpr
     # qkv, attention logits, projection and two MLP layers: products written out for the CPU,
     # kept by name.
@@ -155,8 +158,8 @@ def test_cpu_products_are_the_plain_ones():
     q, k, dense = (jax.random.normal(jax.random.key(i), (3, 5, 2, 4)) for i in range(3))
     w = jax.random.normal(jax.random.key(3), (4, 7))
     numbers = (((3,), (0,)), ((), ()))
-    pairs = [(vit._cpu_logits, vit._logits, q, k),
-             (lambda x, w: vit.dense_product(x, w, numbers),
+    pairs = [(attention._cpu_logits, attention._logits, q, k),
+             (lambda x, w: dense_product(x, w, numbers),
               lambda x, w: jax.lax.dot_general(x, w, numbers), dense, w)]  # fmt: skip
     for ours, plain, a, b in pairs:
         (y1, g1), (y2, g2) = (sin_sum_and_grads(f, a, b) for f in (ours, plain))
@@ -166,7 +169,7 @@ def test_cpu_products_are_the_plain_ones():
     # Other contractions are lax.dot_general's own.
     other = (((0,), (0,)), ((), ()))
     x = jax.random.normal(jax.random.key(4), (4, 3))
-    np.testing.assert_array_equal(vit.dense_product(x, w, other), jax.lax.dot_general(x, w, other))
+    np.testing.assert_array_equal(dense_product(x, w, other), jax.lax.dot_general(x, w, other))
 
 
 def test_dropout_and_stochastic_depth_only_in_training(tiny):

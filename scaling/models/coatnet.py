@@ -43,19 +43,27 @@ tokens instead of 4x4 / 2x2 / 1x1. `match_params` picks widths so that layouts c
 at a matched parameter count.
 """
 
-import functools
-import math
 import re
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from scaling import ScalingError
-from scaling.models.efficientnet import DepthwiseConv, conv_general_dilated
-from scaling.models.resnet import PADDINGS, conv_padding
-from scaling.models.vit import Mlp, SelfAttention, gelu
+from scaling.models.layers import (
+    PADDINGS,
+    DepthwiseConv,
+    Mlp,
+    SelfAttention,
+    SqueezeExcite,
+    conv_init,
+    conv_layer,
+    dense_init,
+    relative_bias,
+    resize_bias_table,
+)
+from scaling.ops.activations import gelu
+from scaling.ops.conv import conv_general_dilated_pointwise
 
 # name -> (blocks per stage L, channels D) for S0..S4, Table 3 of the paper.
 SIZES = {
@@ -70,8 +78,6 @@ STRIDE_ON = ("depthwise", "expansion")  # which conv of a downsampling MBConv st
 NAMES = "coatnet_{0,1,2,3,4}, coatnet (settings layout, depths, dims)"
 VIT_REL_DEFAULTS = ((12,), (384,))  # ViT-S sized when no depths/dims are given
 
-conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
-dense_init = nnx.initializers.xavier_uniform()
 LN_EPSILON = 1e-6  # timm's coatnet_0_224 (the MaxViT code's); BatchNorm's is 1e-5
 
 
@@ -85,53 +91,18 @@ def _batch_norm(channels, dtype, rngs):
 
 
 def _conv(cin, cout, kernel, *, rngs, dtype, stride=1, bias=False, padding="symmetric"):
-    return nnx.Conv(
+    """A He-initialised kernel x kernel conv; 1x1 ones run as matrix products on CPU."""
+    return conv_layer(
         cin,
         cout,
         (kernel, kernel),
-        strides=stride,
-        padding="VALID" if padding == "valid" else conv_padding((kernel, kernel), padding),
-        use_bias=bias,
-        kernel_init=conv_init,
+        stride,
+        bias=bias,
+        padding=padding,
+        convolution=conv_general_dilated_pointwise,
         dtype=dtype,
-        conv_general_dilated=conv_general_dilated,
         rngs=rngs,
     )
-
-
-def relative_position_index(height, width):
-    """(dy, dx), each (HW, HW): the table row and column of the offset from token j to token i.
-
-    Tokens are numbered row-major; the offset (yi - yj, xi - xj) is shifted by (H-1, W-1) so it
-    indexes a (2H-1) x (2W-1) table.
-    """
-    ys, xs = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
-    ys, xs = ys.reshape(-1), xs.reshape(-1)
-    return ys[:, None] - ys[None, :] + height - 1, xs[:, None] - xs[None, :] + width - 1
-
-
-def relative_bias(table, grid):
-    """The attention bias (heads, HW, HW) gathered from a (2H-1, 2W-1, heads) table."""
-    dy, dx = relative_position_index(*grid)
-    return jnp.moveaxis(table[dy, dx], -1, 0)
-
-
-def resize_bias_table(table, grid):
-    """A (2H-1, 2W-1, heads) table bilinearly resized for an H' x W' grid; same size: unchanged."""
-    shape = (2 * grid[0] - 1, 2 * grid[1] - 1, table.shape[-1])
-    if tuple(table.shape) == shape:
-        return table
-    return jax.image.resize(table, shape, method="bilinear")
-
-
-class SqueezeExcite(nnx.Module):
-    def __init__(self, channels, reduced, *, dtype, rngs):
-        self.reduce = nnx.Linear(channels, reduced, dtype=dtype, rngs=rngs)
-        self.expand = nnx.Linear(reduced, channels, dtype=dtype, rngs=rngs)
-
-    def __call__(self, x):
-        s = jnp.mean(x, axis=(1, 2), keepdims=True)
-        return x * jax.nn.sigmoid(self.expand(jax.nn.silu(self.reduce(s))))
 
 
 class MBConv(nnx.Module):
@@ -165,8 +136,7 @@ class MBConv(nnx.Module):
             cin, hidden, 1, stride=stride if on_expansion else 1, dtype=dtype, rngs=rngs
         )
         self.norm1 = _batch_norm(hidden, dtype, rngs)
-        # EfficientNet's depthwise conv: oneDNN's or shifted slices, 5-10x faster than XLA's
-        # on CPU.
+        # The fastest form on this backend (oneDNN's or shifted slices on CPU: 5-10x XLA's).
         self.conv2 = DepthwiseConv(
             hidden,
             3,
@@ -469,73 +439,6 @@ class CoAtNet(nnx.Module):
         return self.head(self.dropout(x)).astype(jnp.float32)
 
 
-def count_params(
-    layout="CCTT",
-    depths=None,
-    dims=None,
-    *,
-    image_size=224,
-    small_images=False,
-    num_classes=1000,
-    head_size=32,
-    expansion=4,
-    se_ratio=0.25,
-    stride_on="depthwise",
-    padding="symmetric",
-    pre_logits=True,
-    in_channels=3,
-    dropout=0.0,
-    attention_dropout=0.0,
-    stochastic_depth=0.0,
-    dtype=None,
-):
-    """Trainable parameters of `CoAtNet(layout=..., ...)`, fast: each distinct block is built
-    shape-only on its own (a whole deep network traced at once costs seconds), the rest summed.
-    Equal to `models.count_params` of the whole model (a test checks). Dropout rates and dtype
-    change no count; they are accepted so that any model's settings can be passed."""
-    settings = dict(
-        num_classes=num_classes,
-        head_size=head_size,
-        expansion=expansion,
-        se_ratio=se_ratio,
-        stride_on=stride_on,
-        padding=padding,
-        dropout=dropout,
-        attention_dropout=attention_dropout,
-        stochastic_depth=stochastic_depth,
-    )
-    depths, dims, blocks = plan(layout, depths, dims, image_size, small_images, settings)
-    settings.update(dropout=0.0, attention_dropout=0.0, stochastic_depth=0.0)  # validated above
-    key = tuple(sorted(settings.items()))
-    blocks_total = sum(_block_params(block, key) for block in blocks)
-    vit_rel = layout == "VIT_REL"
-    stem = functools.partial(
-        Stem,
-        in_channels,
-        dims[0],
-        depths[0],
-        vit_rel=vit_rel,
-        small_images=small_images,
-        padding=padding,
-        dtype=None,
-    )
-    width = blocks[-1][2]
-    head = 2 * width + (width * width + width if pre_logits else 0) + (width + 1) * num_classes
-    return _params(stem) + blocks_total + head
-
-
-def _params(make):
-    from scaling.models import count_params as count
-
-    return count(nnx.eval_shape(lambda: make(rngs=nnx.Rngs(0))))
-
-
-@functools.lru_cache(maxsize=4096)
-def _block_params(block, settings):
-    make = functools.partial(make_block, *block, rate=0.0, settings=dict(settings), dtype=None)
-    return _params(make)
-
-
 def stage_grids(model: CoAtNet, image_size):
     """The attention grid of every transformer block of `model` at `image_size`."""
     if model.layout == "VIT_REL":
@@ -570,65 +473,6 @@ def resize(model: CoAtNet, image_size: int) -> CoAtNet:
     return new
 
 
-def match_params(layout, target_params, *, depths=None, num_classes=1000, head_size=32, **settings):
-    """`depths` and `dims` for `layout` with about `target_params` trainable parameters.
-
-    Depths stay fixed (CoAtNet-0's unless given); the widths keep CoAtNet-0's proportions
-    64:96:192:384:768, rounded to multiples of 8 (of `head_size` in T stages), scaled by one
-    factor: a few secant steps on log(parameters), then the nearest of the factors within 25%.
-    VIT_REL without `depths` takes the width (a multiple of `head_size`) nearest the target at
-    ViT's 12 blocks, then the depth that fits best, since its width steps are coarse.
-    `settings` are other CoAtNet settings (image_size, small_images, expansion, ...).
-    Returns dict(layout, depths, dims, params).
-    """
-    layout = check_layout(layout)
-    if not isinstance(target_params, (int, float)) or target_params < 1:
-        raise ScalingError(f"target_params must be positive, got {target_params!r}")
-    vit_rel = layout == "VIT_REL"
-    ratios = (4,) if vit_rel else (2 / 3, 1, 2, 4, 8)
-    kinds = "T" if vit_rel else "C" + layout
-    free_depth = vit_rel and depths is None
-    depths = tuple(depths or (VIT_REL_DEFAULTS if vit_rel else SIZES[0])[0])
-    error = lambda params: abs(math.log(params / target_params))  # noqa: E731
-
-    def dims_at(scale):
-        steps = [head_size if k == "T" else 8 for k in kinds]
-        return tuple(max(q, q * round(scale * r / q)) for r, q in zip(ratios, steps, strict=True))
-
-    def params_at(dims, depths=depths):
-        return count_params(
-            layout, depths, dims, num_classes=num_classes, head_size=head_size, **settings
-        )
-
-    def best_depth(dims):
-        """VIT_REL: the depth that brings `dims` closest to the target, and its count."""
-        one, two = params_at(dims, (1,)), params_at(dims, (2,))
-        blocks = max(1, round((target_params - one) / (two - one)) + 1)
-        return (blocks,), params_at(dims, (blocks,))
-
-    if free_depth:  # ViT's 12 blocks at the nearest width, then the depth that fits it best
-        widths = [(w,) for w in range(head_size, 4097, head_size)]
-        dims = min(widths, key=lambda d: error(params_at(d, (12,))))
-        depths, params = best_depth(dims)
-        return dict(layout=layout, depths=depths, dims=dims, params=params)
-
-    def candidate(scale):
-        dims = dims_at(scale)
-        return depths, params_at(dims), dims
-
-    scale = 96.0 * math.sqrt(target_params / 25e6)  # CoAtNet-0: S1 width 96 at 25M
-    for _ in range(6):  # parameters grow ~ width squared
-        params = candidate(scale)[1]
-        if error(params) < 0.01:
-            break
-        scale *= math.sqrt(target_params / params)
-    # Rounding to 8 (32 in T stages) makes the count a step function of the scale: scan
-    # around it and keep the nearest. Stages keep their proportions; none is nudged alone.
-    found = [candidate(scale * (1 + f / 100)) for f in range(-25, 26)]
-    depths, params, dims = min(found, key=lambda c: error(c[1]))
-    return dict(layout=layout, depths=depths, dims=dims, params=params)
-
-
 def create(name, *, image_size=None, **settings):
     """Build `coatnet_{0..4}` or `coatnet` (any layout/depths/dims); None for other names."""
     image_size = 224 if image_size is None else image_size
@@ -645,3 +489,8 @@ def create(name, *, image_size=None, **settings):
 
 def default_image_size(name):
     return 224 if re.fullmatch(r"coatnet(_[0-4])?", name) else None
+
+
+# Parameter counts and parameter-matched sizes, for the experiments (`coatnet_sizing`, which
+# builds this module's blocks, so imported last).
+from scaling.models.coatnet_sizing import count_params, match_params  # noqa: E402, F401

@@ -24,9 +24,9 @@ One baseline (B0, the `STAGES` table) and one rule for scaling it, as in the ref
 - Classifier: global average pool, dropout (`dropout`, the variant's rate), `self.head` Linear.
 - Depthwise convolutions: XLA's grouped convolution is slow on CPU (forward and backward alike).
   By default (`depthwise='shift'`) they run on CPU in float32 as oneDNN's depthwise kernels
-  (`scaling.onednn`, as PyTorch does), and otherwise as a sum of k*k shifted slices times
-  per-channel weights (`DepthwiseConv`, 4-5x faster training and up to 10x faster evaluation
-  than XLA's on CPU), with a backward pass of their own on CPU; the FLOP counters of
+  (`scaling.ops.onednn`, as PyTorch does), and otherwise as a sum of k*k shifted slices times
+  per-channel weights (`scaling.ops.depthwise`, 4-5x faster training and up to 10x faster
+  evaluation than XLA's on CPU), with a backward pass of their own on CPU; the FLOP counters of
   `scaling.flops` still see one convolution. `depthwise='conv'` uses XLA's convolution
   throughout (faster to compile; may suit GPUs, where cuDNN has depthwise kernels).
 - `bn_momentum` (0.99 as the reference) can be lowered for short runs: at 0.99 the running
@@ -47,15 +47,12 @@ import math
 import numbers
 import re
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
-from flax.nnx.nn.dtypes import promote_dtype
-from jax import lax
 
-from scaling import ScalingError, onednn
-from scaling.models import resnet
-from scaling.models.resnet import bias_free_conv, conv_padding
+from scaling import ScalingError
+from scaling.models.layers import DepthwiseConv, bias_free_conv, conv_init, depthwise_init
+from scaling.ops.conv import conv_general_dilated_pointwise
 from scaling.scale import compound_coefficients, round_filters, round_repeats
 
 # The B0 baseline, stage by stage: (expansion ratio, kernel, stride, output channels, blocks).
@@ -83,14 +80,7 @@ VARIANTS = {
 }
 NAMES = "efficientnet, efficientnet_b{0-7}, efficientnet[_b{0-7}]_cifar"
 
-# The reference initialisers: He-normal on fan-out for convs. A depthwise kernel is
-# (k, k, 1, channels) in Flax, so its fan-out per output channel (k*k, as TF and timm count it)
-# is Flax's fan-in.
-conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
-depthwise_init = nnx.initializers.variance_scaling(2.0, "fan_in", "normal")
-# On CPU, convolutions with their gradients written out, 1x1 ones as matrix products (MBConv
-# blocks are mostly 1x1 convolutions; also CoAtNet's).
-conv_general_dilated = functools.partial(resnet.conv_general_dilated, pointwise=True)
+# Convs: He-normal on fan-out (`layers.conv_init`, `layers.depthwise_init`), as the reference.
 # Classifier: uniform(-1/sqrt(classes), 1/sqrt(classes)), as the reference dense initializer.
 dense_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_out", "uniform")
 
@@ -104,7 +94,7 @@ class Layers:
         self.conv = functools.partial(
             bias_free_conv,
             padding=padding,
-            convolution=conv_general_dilated,
+            convolution=conv_general_dilated_pointwise,
             dtype=dtype,
             rngs=rngs,
         )
@@ -112,183 +102,6 @@ class Layers:
             nnx.BatchNorm, momentum=bn_momentum, epsilon=1e-3, dtype=dtype, rngs=rngs
         )
         self.dense = functools.partial(nnx.Linear, kernel_init=conv_init, dtype=dtype, rngs=rngs)
-
-
-def _depthwise_xla(x, kernel, stride, padding):
-    """Depthwise convolution as one XLA grouped convolution."""
-    k = kernel.shape[0]
-    return lax.conv_general_dilated(
-        x,
-        kernel,
-        (stride, stride),
-        [_pads(size, k, stride, padding)[0] for size in x.shape[1:3]],
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        feature_group_count=x.shape[-1],
-    )
-
-
-def _pads(size, k, stride, padding):
-    """The padding (before, after) of one spatial side, and the output size: TensorFlow's 'SAME'
-    (`padding='same'`) or (k - 1) // 2 on both sides (`'symmetric'`, as PyTorch code pads)."""
-    if padding == "symmetric":
-        before = (k - 1) // 2
-        return (before, before), (size + 2 * before - k) // stride + 1
-    out = -(-size // stride)
-    total = max((out - 1) * stride + k - size, 0)
-    return (total // 2, total - total // 2), out
-
-
-def _taps(x, k, stride, out_shape):
-    """The k*k shifted, strided slices of a padded NHWC `x`, each of `out_shape`'s size."""
-    (oh, ow), (n, c) = out_shape, (x.shape[0], x.shape[-1])
-    for i in range(k):
-        for j in range(k):
-            end = (n, i + (oh - 1) * stride + 1, j + (ow - 1) * stride + 1, c)
-            yield lax.slice(x, (0, i, j, 0), end, (1, stride, stride, 1))
-
-
-def _correlate(padded, kernel, stride, out_shape):
-    """Sum over the taps of `padded`'s shifted slices times per-channel weights, in float32."""
-    k, c = kernel.shape[0], kernel.shape[-1]
-    out = jnp.zeros((padded.shape[0], *out_shape, c), jnp.float32)
-    for tap, weight in zip(
-        _taps(padded, k, stride, out_shape), kernel.reshape(k * k, c), strict=True
-    ):
-        out = out + tap.astype(jnp.float32) * weight.astype(jnp.float32)
-    return out
-
-
-def _shift_sum(x, kernel, stride, padding):
-    k, (h, w) = kernel.shape[0], x.shape[1:3]
-    (ph, oh), (pw, ow) = _pads(h, k, stride, padding), _pads(w, k, stride, padding)
-    padded = jnp.pad(x, ((0, 0), ph, pw, (0, 0)))
-    return _correlate(padded, kernel, stride, (oh, ow)).astype(x.dtype)
-
-
-def _kernel_gradient(x, dy, k, stride, padding):
-    """d(loss)/d(kernel) of `_shift_sum`: for each tap, the sum over batch and pixels of the
-    tap's slice times `dy`. A loop over the examples adds each one's products to k*k
-    accumulators the size of one output image: XLA's reductions over the batch read the k*k
-    slices only after writing each out whole (12 MB apiece for 16x16x96 at batch 128) and ran
-    5-10x slower. Examples go in `groups` side by side (the device count, when it divides the
-    batch) so that a batch sharded over devices stays sharded."""
-    (n, h, w, c), (oh, ow) = x.shape, dy.shape[1:3]
-    (ph, _), (pw, _) = _pads(h, k, stride, padding), _pads(w, k, stride, padding)
-    groups = math.gcd(n, jax.device_count())
-    xs = x.reshape(groups, n // groups, h, w, c)
-    dys = dy.reshape(groups, n // groups, oh, ow, c)
-
-    def add_example(i, sums):
-        image = jnp.pad(lax.dynamic_index_in_dim(xs, i, 1, False), ((0, 0), ph, pw, (0, 0)))
-        d = lax.dynamic_index_in_dim(dys, i, 1, False).astype(jnp.float32)
-        taps = _taps(image, k, stride, (oh, ow))
-        return tuple(s + t.astype(jnp.float32) * d for s, t in zip(sums, taps, strict=True))
-
-    zeros = tuple(jnp.zeros((groups, oh, ow, c), jnp.float32) for _ in range(k * k))
-    sums = lax.fori_loop(0, n // groups, add_example, zeros)
-    return jnp.stack([s.sum((0, 1, 2)) for s in sums]).reshape(k, k, 1, c)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _depthwise_shift(x, kernel, stride, padding):
-    """The same convolution as a sum over the k*k taps of shifted, strided slices of the padded
-    input times per-channel weights: elementwise work that XLA fuses into one loop, 5-15x faster
-    than its grouped convolution on CPU. Accumulates in float32. The backward pass keeps only
-    `x`: left to autodiff, XLA saved all k*k slices for the kernel gradient (9 copies of the
-    input for a 3x3 kernel) and summed each over the batch in a separate reduction."""
-    return _shift_sum(x, kernel, stride, padding)
-
-
-def _depthwise_shift_fwd(x, kernel, stride, padding):
-    return _shift_sum(x, kernel, stride, padding), (x, kernel)
-
-
-def _depthwise_shift_bwd(stride, padding, residuals, dy):
-    x, kernel = residuals
-    k, (h, w), (oh, ow) = kernel.shape[0], x.shape[1:3], dy.shape[1:3]
-    (ph, _), (pw, _) = _pads(h, k, stride, padding), _pads(w, k, stride, padding)
-    # The input gradient correlates the flipped kernel with dy spread `stride` apart and
-    # padded so that every input pixel sees the outputs it fed.
-    spread = [
-        (k - 1 - before, size + before - (out - 1) * stride - 1, stride - 1)
-        for before, size, out in ((ph[0], h, oh), (pw[0], w, ow))
-    ]
-    pad = functools.partial(lax.pad, padding_value=jnp.zeros((), dy.dtype),
-                            padding_config=[(0, 0, 0), *spread, (0, 0, 0)])  # fmt: skip
-    # Padded inside a conditional, so that XLA cannot fuse dy's producer (BatchNorm's and the
-    # activation's backward) into the k*k reads of the correlation, which recomputed it per tap
-    # (CoAtNet 10% slower). The predicate, false only for a NaN, is one XLA cannot fold.
-    first = kernel[0, 0, 0, 0]
-    padded = lax.cond(first == first, pad, pad, dy)
-    dx = _correlate(padded, kernel[::-1, ::-1], 1, (h, w)).astype(x.dtype)
-    return dx, _kernel_gradient(x, dy, k, stride, padding).astype(kernel.dtype)
-
-
-_depthwise_shift.defvjp(_depthwise_shift_fwd, _depthwise_shift_bwd)
-
-
-def _geometry(x_shape, k, stride, padding):
-    """Strides and padding ((top, bottom), (left, right)) as `onednn` takes them."""
-    pads = tuple(_pads(size, k, stride, padding)[0] for size in x_shape[1:3])
-    return (stride, stride), pads
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _depthwise_onednn(x, kernel, stride, padding):
-    """oneDNN's depthwise kernels, PyTorch's on CPU: at EfficientNet-B0's shapes (batch 128,
-    32x32 images) up to 3-5x faster than `_depthwise_shift` forward and for the input gradient
-    (16x16x32: 2.15 -> 0.65 ms forward), the same within noise at 1x1x1152. oneDNN has a
-    depthwise kernel gradient only for some shapes (3x3 kernels on images wider than the kernel,
-    on this CPU); for the others it runs its general convolution, 2-10x slower than
-    `_kernel_gradient`'s loop, which runs instead."""
-    return onednn.forward(x, kernel, *_geometry(x.shape, kernel.shape[0], stride, padding))
-
-
-def _depthwise_onednn_fwd(x, kernel, stride, padding):
-    return _depthwise_onednn(x, kernel, stride, padding), (x, kernel)
-
-
-def _depthwise_onednn_bwd(stride, padding, residuals, dy):
-    x, kernel = residuals
-    geometry = _geometry(x.shape, kernel.shape[0], stride, padding)
-    dx = onednn.input_gradient(dy, kernel, x.shape, *geometry)
-    name = onednn.implementation("scaling_conv_kernel_gradient", x.shape, kernel.shape, *geometry)
-    if name.startswith("jit_dw"):
-        return dx, onednn.kernel_gradient(x, dy, kernel.shape, *geometry)
-    return dx, _kernel_gradient(x, dy, kernel.shape[0], stride, padding)
-
-
-_depthwise_onednn.defvjp(_depthwise_onednn_fwd, _depthwise_onednn_bwd)
-
-
-class DepthwiseConv(nnx.Module):
-    """A bias-free depthwise kxk conv, `padding` 'same' (TensorFlow's) or 'symmetric' ((k - 1) // 2
-    on every side, PyTorch's); its kernel has nnx.Conv's layout
-    (k, k, 1, channels). `impl` 'shift' runs oneDNN's kernels on CPU in float32
-    (`_depthwise_onednn`), else the shifted-slice form (`_depthwise_shift`); 'conv' runs XLA's
-    grouped convolution. `scaling.flops` sets `count_as_conv` while it counts, because its
-    counters read convolutions: both forms are the same function."""
-
-    def __init__(self, channels, kernel, stride, *, impl, padding, kernel_init, dtype, rngs):
-        if impl not in ("shift", "conv"):
-            raise ScalingError(f"unknown depthwise {impl!r}; valid: shift, conv")
-        conv_padding((kernel, kernel), padding)  # validates it
-        self.padding = padding
-        self.kernel = nnx.Param(kernel_init(rngs.params(), (kernel, kernel, 1, channels)))
-        self.in_features = self.out_features = channels
-        self.stride, self.dtype, self.impl = stride, dtype, impl
-        self.count_as_conv = False
-
-    def __call__(self, x):
-        x, kernel = promote_dtype((x, self.kernel[...]), dtype=self.dtype)
-        geometry = (self.stride, self.padding)
-        if self.impl == "conv" or self.count_as_conv:
-            return _depthwise_xla(x, kernel, *geometry)
-        if x.dtype == jnp.float32 and onednn.enabled():  # CPU only
-            return _depthwise_onednn(x, kernel, *geometry)
-        if jax.default_backend() == "cpu":  # a loop over examples suits GPUs and TPUs badly
-            return _depthwise_shift(x, kernel, *geometry)
-        return _shift_sum(x, kernel, *geometry)
 
 
 class MBConv(nnx.Module):

@@ -4,6 +4,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from scaling import ops
+
 
 def apply_block(block, x):
     return block(x)
@@ -12,11 +14,9 @@ def apply_block(block, x):
 def scan_blocks(apply, blocks, x, unroll=False):
     """`apply(block, x)` for each block of `blocks` (state stacked on a leading axis) in turn,
     by `nnx.scan` with `x` as the carry. The loop is lowered unrolled when `unroll` is set (for
-    FLOP counts) and on accelerators: there a rolled loop copies every layer's saved activations
-    into stacked buffers and fuses nothing across layers (on an H100, bf16, batch 256: resnet50
-    3,755 -> 5,660 training images/s, vit_b16 1,594 -> 2,540); the CPU keeps the loop, whose
-    compile time it needs, except for a short `Stack`."""
-    unroll = unroll or jax.default_backend() != "cpu"
+    FLOP counts, and for a short `Stack`) and where `scaling.ops.unroll_loops` says so (on
+    accelerators; the CPU keeps the loop, whose compile time it needs)."""
+    unroll = unroll or ops.unroll_loops()
     scan = nnx.scan(apply, in_axes=(0, nnx.Carry), out_axes=nnx.Carry, unroll=unroll or 1)
     return scan(blocks, x)
 
@@ -26,7 +26,7 @@ SHORT_STACK = 4  # blocks; a Stack of at most this many is unrolled on every bac
 
 class Stack(nnx.Module):
     """Identical blocks applied in turn by `nnx.scan` over their parameters stacked on a leading
-    axis, so XLA compiles one block, not one per layer (resnet110: see README "Performance").
+    axis, so XLA compiles one block, not one per layer (resnet110: see docs/performance.md).
 
     Built from blocks created one by one, so a scanned network starts from the very weights of
     an unrolled one and computes the same function.
@@ -43,7 +43,7 @@ class Stack(nnx.Module):
     def __call__(self, x):
         # A short stack compiles quickly unrolled, and on CPU it then trains faster: resnet20
         # (stacks of 2) 0.423 -> 0.394 s a step, resnet32 (4) 0.617 -> 0.571; resnet56 (8):
-        # 1.25 -> 1.25, and unrolled by 4 slower (1.13 -> 1.22). See README "Performance".
+        # 1.25 -> 1.25, and unrolled by 4 slower (1.13 -> 1.22). See docs/performance.md.
         short = self.depth <= SHORT_STACK
         return scan_blocks(apply_block, self.blocks, x, self.unroll_scan or short)
 

@@ -20,17 +20,16 @@ each block in the backward pass. `scan=False` builds the same blocks unrolled, a
 block, since scanned blocks are identical.
 """
 
-import math
 import re
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.ad_checkpoint import checkpoint_name
 
 from scaling import ScalingError
-from scaling.models import resnet
+from scaling.models.layers import Mlp, SelfAttention
 from scaling.models.stack import apply_block, scan_blocks, unstack
+from scaling.ops import dense
 
 # name -> (width, depth, MLP width, heads), Table 1 of the paper; Ti and S from DeiT.
 SIZES = {
@@ -43,103 +42,7 @@ SIZES = {
 NAMES = "vit_{ti,s,b,l,h}{patch} (e.g. vit_b16, vit_h14, vit_s4)"
 POOLS = ("token", "gap")
 
-dense_init = nnx.initializers.xavier_uniform()
 LN_EPSILON = 1e-6
-
-
-def gelu(x):
-    """Exact GELU, x * Phi(x), through erf as PyTorch computes it. jax.nn.gelu goes through
-    erfc, which is exact also far in the negative tail (where GELU is under 1e-6 anyway;
-    the two differ by at most 1e-6) but 2-3x slower on CPU: CoAtNet trains 8% faster with
-    erf, ViT-S/4 7%."""
-    return 0.5 * x * (1 + jax.lax.erf(x * (1 / math.sqrt(2))))
-
-
-def dense_product(x, kernel, dimension_numbers, precision=None, **kw):
-    """nnx.Linear's product. On CPU, over the last axis of `x`, a 1x1 convolution
-    (`resnet.pointwise_conv`) for its kernel gradient: autodiff's ran in Eigen with both operands
-    transposed, 4-10x slower than in YNNPACK."""
-    plain = dimension_numbers == (((x.ndim - 1,), (0,)), ((), ())) and precision is None
-    if jax.default_backend() != "cpu" or not plain or any(v is not None for v in kw.values()):
-        return jax.lax.dot_general(x, kernel, dimension_numbers, precision, **kw)
-    out = resnet.pointwise_conv(x.reshape(-1, 1, 1, x.shape[-1]), kernel[None, None], 1)
-    # Named: a rematerialised block keeps it as it keeps dot_general's (`MATRIX_PRODUCTS`).
-    return checkpoint_name(out.reshape(*x.shape[:-1], kernel.shape[-1]), "cpu_products")
-
-
-def _logits(q, k):
-    return jnp.einsum("bqhd,bkhd->bhqk", q, k)
-
-
-@jax.custom_vjp
-def _cpu_logits(q, k):
-    """`_logits` with a backward pass whose key gradient has the queries innermost in the
-    gradient it contracts: autodiff's contracted them in place, which XLA:CPU ran in Eigen, not
-    YNNPACK (CoAtNet's 16-token blocks: 2.0-2.3 ms a product, against 0.1)."""
-    return _logits(q, k)
-
-
-def _cpu_logits_fwd(q, k):
-    return _cpu_logits(q, k), (q, k)
-
-
-def _cpu_logits_bwd(residuals, grad):
-    q, k = residuals
-    dq = jnp.einsum("bhqk,bkhd->bqhd", grad, k)
-    dk = jnp.einsum("bhkq,bqhd->bkhd", grad.swapaxes(2, 3), q)
-    return dq, dk
-
-
-_cpu_logits.defvjp(_cpu_logits_fwd, _cpu_logits_bwd)
-
-
-class SelfAttention(nnx.Module):
-    """Multi-head self-attention on (B, N, in_features) tokens, one fused qkv projection.
-
-    `bias` (heads, N, N), when given, is added to the attention logits before the softmax
-    (CoAtNet's relative attention). `features` may differ from `in_features` (CoAtNet's first
-    transformer block of a stage widens the tokens in its qkv projection).
-    """
-
-    def __init__(self, in_features, features, num_heads, *, dropout=0.0, dtype=None, rngs):
-        if features % num_heads:
-            raise ScalingError(f"width {features} is not divisible by {num_heads} heads")
-        self.num_heads = num_heads
-        linear = dict(kernel_init=dense_init, dot_general=dense_product, dtype=dtype, rngs=rngs)
-        self.qkv = nnx.Linear(in_features, 3 * features, **linear)
-        self.proj = nnx.Linear(features, features, **linear)
-        self.dropout = nnx.Dropout(dropout, rngs=rngs)
-
-    def __call__(self, x, bias=None):
-        b, n, _ = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, -1)
-        # (B, N, heads, head size) each. A split's gradient is one concatenate; three indexings'
-        # were three pads and two sums (ViT 3% slower a step on CPU).
-        q, k, v = (t.squeeze(2) for t in jnp.split(qkv, 3, axis=2))
-        q = q * (q.shape[-1] ** -0.5)
-        if jax.default_backend() == "cpu":  # named as in `dense_product`, for the same reason
-            logits = checkpoint_name(_cpu_logits(q, k), "cpu_products")
-        else:
-            logits = _logits(q, k)
-        logits = logits.astype(jnp.float32)
-        if bias is not None:
-            logits = logits + bias.astype(jnp.float32)
-        weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, n, -1)
-        return self.dropout(self.proj(out))
-
-
-class Mlp(nnx.Module):
-    """Dense, GELU, dense; dropout after each dense (the paper's placement)."""
-
-    def __init__(self, features, hidden, *, dropout=0.0, dtype=None, rngs):
-        linear = dict(kernel_init=dense_init, dot_general=dense_product, dtype=dtype, rngs=rngs)
-        self.fc1 = nnx.Linear(features, hidden, **linear)
-        self.fc2 = nnx.Linear(hidden, features, **linear)
-        self.dropout = nnx.Dropout(dropout, rngs=rngs)
-
-    def __call__(self, x):
-        return self.dropout(self.fc2(self.dropout(gelu(self.fc1(x)))))
 
 
 class EncoderBlock(nnx.Module):
@@ -158,25 +61,14 @@ class EncoderBlock(nnx.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
-# The matrix products' outputs: dot_general's, and those of the products written out for the CPU
-# (`dense_product`, `_cpu_logits`), named "cpu_products".
-MATRIX_PRODUCTS = jax.checkpoint_policies.save_from_both_policies(
-    jax.checkpoint_policies.dots_saveable,
-    jax.checkpoint_policies.save_only_these_names("cpu_products"),
-)
-
-
 def block_apply(remat):
-    """How the encoder applies a block: `remat` recomputes the whole block in the backward pass.
-    Otherwise, on CPU, only matrix-product outputs are kept for it and the rest (layer norms,
-    GELU, softmax) is recomputed: writing and reading those activations cost this memory-bound
-    machine more than computing them again (vit_s4 trains 15.5 -> 17.6 images/s and its step
-    needs 2.4 GB, not 5.2). Accelerators keep everything, as is usual there."""
+    """How the encoder applies a block: `remat` recomputes the whole block in the backward pass;
+    otherwise the block keeps what `scaling.ops.dense.remat_policy` says (on CPU the matrix
+    products' outputs only)."""
     if remat:
         return nnx.remat(apply_block)
-    if jax.default_backend() == "cpu":
-        return nnx.remat(apply_block, policy=MATRIX_PRODUCTS)
-    return apply_block
+    policy = dense.remat_policy()
+    return apply_block if policy is None else nnx.remat(apply_block, policy=policy)
 
 
 class Encoder(nnx.Module):

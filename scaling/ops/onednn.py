@@ -39,6 +39,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from scaling import ScalingError, data
+from scaling.ops import backend
 
 SOURCE = Path(__file__).with_name("onednn_conv.cc")
 TARGETS = {  # FFI target -> symbol in the compiled library
@@ -80,7 +81,7 @@ def _build(prefix: Path) -> Path:
 @functools.cache
 def _library():
     """The loaded library with its calls registered with XLA (built on first call), or None."""
-    if os.environ.get("SCALING_ONEDNN", "1") == "0" or jax.default_backend() != "cpu":
+    if os.environ.get("SCALING_ONEDNN", "1") == "0" or backend() != "cpu":
         return None
     prefix = Path(sys.prefix)
     if not (prefix / "include/oneapi/dnnl/dnnl.hpp").exists():
@@ -201,7 +202,7 @@ def forward(x, kernel, strides, padding):
     """NHWC `x` convolved with an HWIO `kernel` (float32, undilated; grouped when the kernel has
     fewer inputs than `x` has channels) by oneDNN; `padding` is ((top, bottom), (left, right))."""
     if not available():  # registers the calls with XLA on first use
-        raise ScalingError("oneDNN's convolutions are unavailable (see scaling.onednn)")
+        raise ScalingError("oneDNN's convolutions are unavailable (see scaling.ops.onednn)")
     shape = _output_shape(x.shape, kernel.shape, strides, padding)
     return _call(x, kernel, "scaling_conv_forward", shape, (strides, padding))
 

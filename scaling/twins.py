@@ -1,4 +1,6 @@
-"""PyTorch twins of five Flax models of `scaling.models`, for side-by-side throughput benchmarks.
+"""PyTorch twins of five Flax models of `scaling.models`, for `scaling bench --compare torch`.
+
+Needs PyTorch (the `torch` extra); `scaling.bench` imports this module only when it compares.
 
 A twin is the same network as its Flax model: the same layers in the same order, the same
 shapes and multiply-adds, and exactly as many trainable parameters (BatchNorm scale and bias

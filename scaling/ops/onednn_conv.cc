@@ -1,6 +1,6 @@
 // oneDNN's float32 convolutions as XLA FFI targets for the CPU: forward, input gradient and
 // kernel gradient of an undilated (possibly grouped) convolution of NHWC images with an HWIO
-// kernel (Flax's layouts). Built and registered by scaling/onednn.py.
+// kernel (Flax's layouts). Built and registered by scaling/ops/onednn.py.
 #include <map>
 #include <mutex>
 #include <optional>

@@ -1,0 +1,184 @@
+"""Blocks and initialisers that several model families share.
+
+Convolutions (`conv_layer`, `bias_free_conv`, padded by `conv_padding`'s rules), the depthwise
+convolution (`DepthwiseConv`), squeeze-and-excitation (`SqueezeExcite`), multi-head self-attention
+(`SelfAttention`), relative position biases for it (`relative_bias`) and the transformer MLP
+(`Mlp`). Which kernels run them on which backend is `scaling.ops`'s business; each family's own
+blocks live in its module.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from flax.nnx.nn.dtypes import promote_dtype
+
+from scaling import ScalingError
+from scaling.ops import activations, attention, dense, depthwise
+
+# He-normal on fan-out for convolutions (torchvision's and the TensorFlow reference's). A
+# depthwise kernel is (k, k, 1, channels) in Flax, so its fan-out per output channel (k*k, as TF
+# and timm count it) is Flax's fan-in.
+conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+depthwise_init = nnx.initializers.variance_scaling(2.0, "fan_in", "normal")
+# Attention's and the MLP's dense layers: Xavier-uniform, as ViT's code (big_vision).
+dense_init = nnx.initializers.xavier_uniform()
+
+PADDINGS = ("symmetric", "same")
+
+
+def conv_padding(kernel, padding):
+    """nnx.Conv's padding for a `kernel`-sized convolution.
+
+    'symmetric' pads (k - 1) // 2 on every side, as torchvision, timm and the papers' Torch and
+    Caffe code do; 'same' is TensorFlow's, which pads an even-sized input less on the near side
+    when it strides ((2, 3) for a 7x7/2 stem, (0, 1) for a 3x3/2 conv). The two give the same
+    output sizes for odd kernels, so only the function changes, not the shapes.
+    """
+    if padding == "same":
+        return "SAME"
+    if padding == "symmetric":
+        return tuple(((k - 1) // 2, (k - 1) // 2) for k in kernel)
+    raise ScalingError(f"unknown padding {padding!r}; valid: {', '.join(PADDINGS)}")
+
+
+def conv_layer(cin, cout, kernel, strides=1, *, bias, padding, convolution, dtype, rngs):
+    """A He-initialised conv, padded by `padding`'s rule ('valid': not at all), computed by
+    `convolution` (one of `scaling.ops.conv`'s)."""
+    return nnx.Conv(
+        cin,
+        cout,
+        kernel,
+        strides=strides,
+        padding="VALID" if padding == "valid" else conv_padding(kernel, padding),
+        use_bias=bias,
+        kernel_init=conv_init,
+        dtype=dtype,
+        conv_general_dilated=convolution,
+        rngs=rngs,
+    )
+
+
+def bias_free_conv(cin, cout, kernel, strides=1, *, padding, convolution, dtype, rngs):
+    """A conv without bias (a norm follows it), He-initialised, padded by `padding`'s rule."""
+    conv_padding(kernel, padding)  # validates it: one of PADDINGS
+    return conv_layer(
+        cin,
+        cout,
+        kernel,
+        strides,
+        bias=False,
+        padding=padding,
+        convolution=convolution,
+        dtype=dtype,
+        rngs=rngs,
+    )
+
+
+class DepthwiseConv(nnx.Module):
+    """A bias-free depthwise kxk conv, `padding` 'same' (TensorFlow's) or 'symmetric' ((k - 1) // 2
+    on every side, PyTorch's); its kernel has nnx.Conv's layout (k, k, 1, channels). `impl`
+    'shift' runs the fastest form on this backend, 'conv' XLA's grouped convolution
+    (`scaling.ops.depthwise`). `scaling.flops` sets `count_as_conv` while it counts, because its
+    counters read convolutions: both forms are the same function."""
+
+    def __init__(self, channels, kernel, stride, *, impl, padding, kernel_init, dtype, rngs):
+        if impl not in depthwise.IMPLS:
+            raise ScalingError(f"unknown depthwise {impl!r}; valid: {', '.join(depthwise.IMPLS)}")
+        conv_padding((kernel, kernel), padding)  # validates it
+        self.padding = padding
+        self.kernel = nnx.Param(kernel_init(rngs.params(), (kernel, kernel, 1, channels)))
+        self.in_features = self.out_features = channels
+        self.stride, self.dtype, self.impl = stride, dtype, impl
+        self.count_as_conv = False
+
+    def __call__(self, x):
+        x, kernel = promote_dtype((x, self.kernel[...]), dtype=self.dtype)
+        impl = "conv" if self.count_as_conv else self.impl
+        return depthwise.depthwise_conv(x, kernel, self.stride, self.padding, impl)
+
+
+class SqueezeExcite(nnx.Module):
+    """Global average pool, dense reduce, SiLU, dense expand, sigmoid gate on the channels."""
+
+    def __init__(self, channels, reduced, *, dtype, rngs):
+        self.reduce = nnx.Linear(channels, reduced, dtype=dtype, rngs=rngs)
+        self.expand = nnx.Linear(reduced, channels, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        s = jnp.mean(x, axis=(1, 2), keepdims=True)
+        return x * jax.nn.sigmoid(self.expand(jax.nn.silu(self.reduce(s))))
+
+
+class SelfAttention(nnx.Module):
+    """Multi-head self-attention on (B, N, in_features) tokens, one fused qkv projection.
+
+    `bias` (heads, N, N), when given, is added to the attention logits before the softmax
+    (CoAtNet's relative attention). `features` may differ from `in_features` (CoAtNet's first
+    transformer block of a stage widens the tokens in its qkv projection).
+    """
+
+    def __init__(self, in_features, features, num_heads, *, dropout=0.0, dtype=None, rngs):
+        if features % num_heads:
+            raise ScalingError(f"width {features} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        linear = dict(
+            kernel_init=dense_init, dot_general=dense.dense_product, dtype=dtype, rngs=rngs
+        )
+        self.qkv = nnx.Linear(in_features, 3 * features, **linear)
+        self.proj = nnx.Linear(features, features, **linear)
+        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+
+    def __call__(self, x, bias=None):
+        b, n, _ = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, -1)
+        # (B, N, heads, head size) each. A split's gradient is one concatenate; three indexings'
+        # were three pads and two sums (ViT 3% slower a step on CPU).
+        q, k, v = (t.squeeze(2) for t in jnp.split(qkv, 3, axis=2))
+        q = q * (q.shape[-1] ** -0.5)
+        logits = attention.logits(q, k).astype(jnp.float32)
+        if bias is not None:
+            logits = logits + bias.astype(jnp.float32)
+        weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, n, -1)
+        return self.dropout(self.proj(out))
+
+
+def relative_position_index(height, width):
+    """(dy, dx), each (HW, HW): the table row and column of the offset from token j to token i.
+
+    Tokens are numbered row-major; the offset (yi - yj, xi - xj) is shifted by (H-1, W-1) so it
+    indexes a (2H-1) x (2W-1) table.
+    """
+    ys, xs = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
+    ys, xs = ys.reshape(-1), xs.reshape(-1)
+    return ys[:, None] - ys[None, :] + height - 1, xs[:, None] - xs[None, :] + width - 1
+
+
+def relative_bias(table, grid):
+    """The attention bias (heads, HW, HW) gathered from a (2H-1, 2W-1, heads) table."""
+    dy, dx = relative_position_index(*grid)
+    return jnp.moveaxis(table[dy, dx], -1, 0)
+
+
+def resize_bias_table(table, grid):
+    """A (2H-1, 2W-1, heads) table bilinearly resized for an H' x W' grid; same size: unchanged."""
+    shape = (2 * grid[0] - 1, 2 * grid[1] - 1, table.shape[-1])
+    if tuple(table.shape) == shape:
+        return table
+    return jax.image.resize(table, shape, method="bilinear")
+
+
+class Mlp(nnx.Module):
+    """Dense, GELU, dense; dropout after each dense (ViT's placement)."""
+
+    def __init__(self, features, hidden, *, dropout=0.0, dtype=None, rngs):
+        linear = dict(
+            kernel_init=dense_init, dot_general=dense.dense_product, dtype=dtype, rngs=rngs
+        )
+        self.fc1 = nnx.Linear(features, hidden, **linear)
+        self.fc2 = nnx.Linear(hidden, features, **linear)
+        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+
+    def __call__(self, x):
+        return self.dropout(self.fc2(self.dropout(activations.gelu(self.fc1(x)))))
