@@ -197,13 +197,13 @@ def train_step_flops(config, model_settings, state, x, y) -> float:
     lowered (not compiled) again with scanned layers unrolled and depthwise convolutions as
     XLA's (whose CPU backward pass loops over the examples), as flops.xla_flops does."""
     abstract = models.abstract(config.model.name, **model_settings)
-    abstract.set_attributes(unroll_scan=True, count_as_conv=True, raise_if_not_found=False)
     abstract.train()
     train_def = nnx.graphdef(abstract)
     abstract.eval()
     tx, _ = make_optimizer(config, 1000)
     step, _ = make_steps(config, train_def, nnx.graphdef(abstract), tx)
-    return flops.cost_flops(step, (state, x, y))
+    with ops.counting():  # traced in the counted form
+        return flops.cost_flops(step, (state, x, y))
 
 
 def load_twins():

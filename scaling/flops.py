@@ -1,6 +1,6 @@
 """FLOPs, multiply-adds and activations of a model's forward pass, per image.
 
-Two conventions, because they differ (see `shared/notes/flops-counting.md`):
+Two conventions, because they differ :
 - `flops`: XLA's own cost analysis of the lowered forward pass: 2 per multiply-add that is
   executed; taps that fall on 'SAME' padding are skipped. Use it for utilisation and timing.
 - `macs`: multiply-adds as the papers count them, every kernel tap included, read off the
@@ -9,7 +9,6 @@ Two conventions, because they differ (see `shared/notes/flops-counting.md`):
 (the measure of Dollar et al., "Fast and Accurate Model Scaling", 2021).
 """
 
-import contextlib
 import math
 
 import jax
@@ -17,22 +16,8 @@ import jax.extend
 import jax.numpy as jnp
 from flax import nnx
 
+from scaling import ops
 from scaling.ops import onednn
-
-
-@contextlib.contextmanager
-def _counted_form(model):
-    """`model` as its operations are counted. XLA's cost analysis counts the body of a loop once,
-    so layers stacked with a scan (ViT's encoder, ResNet's stages) are unrolled: those expose the
-    attribute `unroll_scan`. Convolutions that run as other operations to be faster on CPU
-    (EfficientNet's depthwise ones) are counted as the convolutions they are: `count_as_conv`;
-    and oneDNN's convolutions as XLA's."""
-    model.set_attributes(unroll_scan=True, count_as_conv=True, raise_if_not_found=False)
-    try:
-        with onednn.disabled():
-            yield
-    finally:
-        model.set_attributes(unroll_scan=False, count_as_conv=False, raise_if_not_found=False)
 
 
 def _forward(model, image_size, in_channels=3):
@@ -44,7 +29,7 @@ def _forward(model, image_size, in_channels=3):
 
 
 def xla_flops(model, image_size):
-    with _counted_form(model):
+    with ops.counting():
         return int(cost_flops(*_forward(model, image_size)))
 
 
@@ -84,6 +69,6 @@ def _count(jaxpr, multiplier=1):
 
 
 def macs_and_activations(model, image_size):
-    with _counted_form(model):
+    with ops.counting():
         fn, args = _forward(model, image_size)
         return _count(jax.make_jaxpr(fn)(*args).jaxpr)

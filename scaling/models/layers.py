@@ -79,8 +79,8 @@ class DepthwiseConv(nnx.Module):
     """A bias-free depthwise kxk conv, `padding` 'same' (TensorFlow's) or 'symmetric' ((k - 1) // 2
     on every side, PyTorch's); its kernel has nnx.Conv's layout (k, k, 1, channels). `impl`
     'shift' runs the fastest form on this backend, 'conv' XLA's grouped convolution
-    (`scaling.ops.depthwise`). `scaling.flops` sets `count_as_conv` while it counts, because its
-    counters read convolutions: both forms are the same function."""
+    (`scaling.ops.depthwise`, which also picks XLA's form while FLOPs are counted): both forms
+    are the same function."""
 
     def __init__(self, channels, kernel, stride, *, impl, padding, kernel_init, dtype, rngs):
         if impl not in depthwise.IMPLS:
@@ -90,12 +90,10 @@ class DepthwiseConv(nnx.Module):
         self.kernel = nnx.Param(kernel_init(rngs.params(), (kernel, kernel, 1, channels)))
         self.in_features = self.out_features = channels
         self.stride, self.dtype, self.impl = stride, dtype, impl
-        self.count_as_conv = False
 
     def __call__(self, x):
         x, kernel = promote_dtype((x, self.kernel[...]), dtype=self.dtype)
-        impl = "conv" if self.count_as_conv else self.impl
-        return depthwise.depthwise_conv(x, kernel, self.stride, self.padding, impl)
+        return depthwise.depthwise_conv(x, kernel, self.stride, self.padding, self.impl)
 
 
 class SqueezeExcite(nnx.Module):

@@ -13,9 +13,9 @@ def apply_block(block, x):
 
 def scan_blocks(apply, blocks, x, unroll=False):
     """`apply(block, x)` for each block of `blocks` (state stacked on a leading axis) in turn,
-    by `nnx.scan` with `x` as the carry. The loop is lowered unrolled when `unroll` is set (for
-    FLOP counts, and for a short `Stack`) and where `scaling.ops.unroll_loops` says so (on
-    accelerators; the CPU keeps the loop, whose compile time it needs)."""
+    by `nnx.scan` with `x` as the carry. The loop is lowered unrolled when `unroll` is set (a
+    short `Stack`) and where `scaling.ops.unroll_loops` says so (on accelerators, and while FLOPs
+    are counted; the CPU keeps the loop, whose compile time it needs)."""
     unroll = unroll or ops.unroll_loops()
     scan = nnx.scan(apply, in_axes=(0, nnx.Carry), out_axes=nnx.Carry, unroll=unroll or 1)
     return scan(blocks, x)
@@ -38,14 +38,13 @@ class Stack(nnx.Module):
         self.blocks = nnx.merge(graphdef, jax.tree.map(lambda *a: jnp.stack(a), *states))
         self.depth = len(blocks)
         # `scaling.flops` lowers the scan unrolled: XLA's cost analysis counts a loop body once.
-        self.unroll_scan = False
 
     def __call__(self, x):
         # A short stack compiles quickly unrolled, and on CPU it then trains faster: resnet20
         # (stacks of 2) 0.423 -> 0.394 s a step, resnet32 (4) 0.617 -> 0.571; resnet56 (8):
         # 1.25 -> 1.25, and unrolled by 4 slower (1.13 -> 1.22). See docs/performance.md.
         short = self.depth <= SHORT_STACK
-        return scan_blocks(apply_block, self.blocks, x, self.unroll_scan or short)
+        return scan_blocks(apply_block, self.blocks, x, short)
 
 
 def unstack(stacked) -> list:

@@ -83,7 +83,6 @@ class Encoder(nnx.Module):
         self.scan, self.remat = scan, remat
         # Lower the scan fully unrolled: `flops.xla_flops` sets this while it asks XLA for its
         # cost analysis, which counts the body of a loop once, not once per iteration.
-        self.unroll_scan = False
         if scan:
 
             @nnx.split_rngs(splits=depth)
@@ -100,7 +99,7 @@ class Encoder(nnx.Module):
     def __call__(self, x):
         apply = block_apply(self.remat)
         if self.scan:
-            return scan_blocks(apply, self.blocks, x, self.unroll_scan)
+            return scan_blocks(apply, self.blocks, x)
         for block in self.blocks:
             x = apply(block, x)
         return x

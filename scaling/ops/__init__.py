@@ -12,7 +12,33 @@ a GPU or a TPU is decided in this package alone (`backend()`):
 - `cpu`: process settings for XLA:CPU, applied only when asked.
 """
 
+import contextlib
+import contextvars
+
 import jax
+
+# Set while `scaling.flops` traces a model to count its operations (`counting`).
+_COUNTING = contextvars.ContextVar("scaling_counting", default=False)
+
+
+@contextlib.contextmanager
+def counting():
+    """Trace models in the form their operations are counted in, without changing them: XLA's
+    cost analysis counts a loop's body once, so scans over layers are unrolled; convolutions that
+    run as other operations to be faster (depthwise ones as shifted slices, oneDNN's custom
+    calls) take XLA's convolution form."""
+    from scaling.ops import onednn
+
+    token = _COUNTING.set(True)
+    try:
+        with onednn.disabled():
+            yield
+    finally:
+        _COUNTING.reset(token)
+
+
+def is_counting() -> bool:
+    return _COUNTING.get()
 
 
 def backend() -> str:
@@ -24,5 +50,5 @@ def unroll_loops() -> bool:
     """Whether a scan over layers is lowered unrolled. On accelerators a rolled loop copies every
     layer's saved activations into stacked buffers and fuses nothing across layers (on an H100,
     bf16, batch 256: resnet50 3,755 -> 5,660 training images/s, vit_b16 1,594 -> 2,540); the CPU
-    keeps the loop, whose compile time it needs."""
-    return backend() != "cpu"
+    keeps the loop, whose compile time it needs. Loops are unrolled while counting too."""
+    return backend() != "cpu" or is_counting()

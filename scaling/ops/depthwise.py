@@ -15,15 +15,16 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from scaling.ops import backend, onednn
+from scaling.ops import backend, is_counting, onednn
 
 IMPLS = ("shift", "conv")
 
 
 def depthwise_conv(x, kernel, stride, padding, impl="shift"):
-    """The depthwise convolution of `x` by `kernel`: XLA's grouped convolution (`impl='conv'`),
-    else the fastest form of the same function on this backend."""
-    if impl == "conv":
+    """The depthwise convolution of `x` by `kernel`: XLA's grouped convolution (`impl='conv'`,
+    and while FLOPs are counted: the counters read convolutions), else the fastest form of the
+    same function on this backend."""
+    if impl == "conv" or is_counting():
         return _depthwise_xla(x, kernel, stride, padding)
     if x.dtype == jnp.float32 and onednn.enabled():  # CPU only
         return _depthwise_onednn(x, kernel, stride, padding)
