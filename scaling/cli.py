@@ -1,6 +1,7 @@
-"""The `scaling` command: info, import, train, sweep, report, bench and launch.
+"""The `scaling` command: info, models, import, train, sweep, report, bench and launch.
 
 scaling info MODEL [--image-size S] [--set KEY=VALUE ...]
+scaling models [PATTERN]
 scaling import SOURCE --model NAME --out DIR [--image-size S] [--source KIND] [--set KEY=VALUE]
 scaling train --config configs/train.py[:arg] [--config.KEY=VALUE ...] --workdir DIR
 scaling sweep --config configs/STUDY.py[:arg] --workdir DIR [--dry-run] [--parallel N]
@@ -47,6 +48,19 @@ def info(args):
         settings=settings,
     )
     print(json.dumps(out))
+
+
+def list_models(args):
+    from scaling import models
+
+    names = models.list_models(args.pattern)
+    if not names:
+        raise ScalingError(f"no model matches {args.pattern!r}; try scaling models")
+    print(f"{'name':<20} {'family':<13} {'image':>5} {'parameters':>13}")
+    for name in names:
+        size, family = models.default_image_size(name), models.family_of(name).name
+        params = models.count_params(models.abstract(name))
+        print(f"{name:<20} {family:<13} {size:>5} {params:>13,}")
 
 
 def import_weights(args):
@@ -245,6 +259,9 @@ def build_parser():
     )
     config_help = "--config FILE.py[:arg] [--config.KEY=VALUE ...] as for big_vision"
 
+    p = sub.add_parser("models", help="the registered model names, with parameter counts")
+    p.add_argument("pattern", nargs="?", default="*", help="shell-style, e.g. 'wrn*'")
+
     p = sub.add_parser("import", help="convert torchvision/timm/big_vision weights for init_from")
     p.add_argument("source", help="a .safetensors, .pth (needs torch) or big_vision .npz file")
     p.add_argument("--model", required=True, help="our model name, e.g. resnet50, vit_b16")
@@ -336,7 +353,8 @@ def main(argv=None):
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     commands = {"train": train, "sweep": sweep, "launch": launch}
-    plain = {"info": info, "import": import_weights, "report": report, "bench": bench}
+    plain = {"info": info, "models": list_models, "import": import_weights, "report": report,
+             "bench": bench}  # fmt: skip
     try:
         if args.command in ("train", "info"):
             enable_compilation_cache()

@@ -29,10 +29,6 @@ ALPHA, BETA, GAMMA = 1.2, 1.1, 1.15  # depth, width, resolution bases of compoun
 AXES = ("depth", "width", "resolution", "phi")
 # Settings that carry the width and depth multipliers, in the order they are tried: EfficientNet
 # keeps the paper's names, the other families call them multipliers.
-AXIS_SETTINGS = {
-    "width": ("width_coefficient", "width_multiplier"),
-    "depth": ("depth_coefficient", "depth_multiplier"),
-}
 
 
 class Coefficients(NamedTuple):
@@ -79,22 +75,13 @@ def compound_coefficients(phi: float, alpha=ALPHA, beta=BETA, gamma=GAMMA) -> Co
 
 
 def axis_setting(name, axis, **settings) -> str:
-    """The setting through which model `name` takes its `axis` ('width' or 'depth') multiplier.
+    """The setting through which model `name` takes its `axis` ('width' or 'depth') multiplier,
+    as its family registers it."""
+    from scaling.models import registry
 
-    Tried in `AXIS_SETTINGS` order with an invalid value (0), which a family refuses as soon as
-    its constructor starts, so no model is built; a family without the setting refuses the
-    keyword itself.
-    """
-    from scaling import models
-
-    for key in AXIS_SETTINGS[axis]:
-        try:
-            models.abstract(name, **{**settings, key: 0.0})
-        except ScalingError as e:
-            if "unexpected keyword argument" in str(e):
-                continue
-        return key
-    raise ScalingError(f"{name} takes none of the {axis} settings {', '.join(AXIS_SETTINGS[axis])}")
+    if (key := getattr(registry.family_of(name), axis)) is None:
+        raise ScalingError(f"{name} has no {axis} multiplier setting")
+    return key
 
 
 def scaled(axis, value, image_size, settings, keys):

@@ -1,13 +1,15 @@
 """Model registry: exact parameter counts, shapes, FLOPs conventions, clear errors."""
 
+import dataclasses
 import re
 
 import jax
 import jax.numpy as jnp
 import pytest
+from conftest import scaling_cli
 from flax import nnx
 
-from scaling import ScalingError, flops, models
+from scaling import ScalingError, flops, models, scale
 
 # Trainable parameters from the papers' and torchvision's code (BatchNorm statistics excluded).
 PARAMS = [
@@ -106,9 +108,48 @@ def test_flops_grow_with_resolution_squared():
         ("resnet20", {"width_multiplier": 0}, "positive"),
         ("resnet20", {"norm": "instance"}, "valid: batch, group, layer"),
         ("resnet20", {"shortcut": "C"}, "valid: A"),
-        ("resnet20", {"colour": "red"}, "unexpected keyword argument 'colour'"),
+        ("resnet20", {"colour": "red"}, "resnet20 has no setting 'colour'; its settings: block"),
     ],
 )
 def test_bad_names_and_settings_are_clear_errors(name, settings, message):
     with pytest.raises(ScalingError, match=re.escape(message)):
         models.abstract(name, **settings)
+
+
+def test_registry_lists_and_describes_every_family():
+    assert models.list_models("wrn*") == ["wrn16_4", "wrn16_8", "wrn22_8", "wrn28_10", "wrn40_4"]
+    assert {models.family_of(n).name for n in models.list_models()} == {
+        "resnet", "wrn", "efficientnet", "vit", "coatnet",
+    }  # fmt: skip
+    assert [models.default_image_size(n) for n in ("resnet20", "resnet50", "vit_s4")] == [
+        32,
+        224,
+        224,
+    ]
+    assert scale.axis_setting("efficientnet_b0", "width") == "width_coefficient"
+    assert scale.axis_setting("wrn16_4", "depth") == "depth_multiplier"
+    with pytest.raises(ScalingError, match="vit_b16 has no width multiplier setting"):
+        scale.axis_setting("vit_b16", "width")
+
+
+def test_models_command_prints_the_pinned_counts():
+    out = scaling_cli("models", "resnet5*")
+    assert out.returncode == 0, out.stderr
+    rows = [line.split() for line in out.stdout.splitlines()[1:]]
+    assert rows == [
+        ["resnet56", "resnet", "32", "853,018"],
+        ["resnet50", "resnet", "224", "25,557,032"],
+    ]
+
+
+def test_a_constructor_bug_is_not_dressed_as_a_bad_setting(monkeypatch):
+    family = models.family_of("resnet20")
+
+    def broken(name, **settings):
+        raise TypeError("a bug in the family's code")
+
+    monkeypatch.setitem(models.FAMILIES, "resnet", dataclasses.replace(family, build=broken))
+    with pytest.raises(TypeError, match="a bug in the family's code"):
+        models.create("resnet20")
+    with pytest.raises(ScalingError, match="resnet20: invalid settings"):
+        models.create("resnet20", dropout=0.1)  # with settings, the cause may be the user's

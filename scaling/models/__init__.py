@@ -1,53 +1,51 @@
-"""Model registry: every model is built by name from its family module.
+"""Models by name: each family module registers its names (`registry`), and `create` builds one.
 
-A family module exposes `create(name, **settings)` returning a Flax NNX module, or None when the
-name is not one of its own. Settings (num_classes, width_multiplier, dropout, norm, ...) are the
-family's constructor arguments, so any of them can be overridden from a config or the command line.
+Settings (num_classes, width_multiplier, dropout, norm, ...) are the family's constructor
+arguments, so any of them can be overridden from a config or the command line.
 """
-
-import inspect
 
 import jax
 import numpy as np
 from flax import nnx
 
 from scaling import ScalingError
-from scaling.models import coatnet, efficientnet, resnet, vit
 
-FAMILIES = (resnet, efficientnet, vit, coatnet)
+# isort: off
+# Importing a family registers it; in this order its names are listed and described.
+from scaling.models import resnet, efficientnet, vit, coatnet  # noqa: F401
+
+# isort: on
+from scaling.models.registry import FAMILIES, family_of, list_models  # noqa: F401
 
 
 def create(name: str, *, seed: int = 0, image_size: int | None = None, **settings) -> nnx.Module:
     """Build model `name` with parameters initialised from `seed`.
 
-    `image_size`, the input resolution, reaches only the families whose `create` takes it (those
-    with resolution-dependent parameters: ViT's position embeddings, CoAtNet's relative-bias
-    tables); the others are resolution-agnostic and ignore it.
+    `image_size`, the input resolution, reaches only the families whose parameters depend on it
+    (ViT's position embeddings, CoAtNet's relative-bias tables); the others ignore it. A setting
+    the family does not have is refused by name; an error the settings' values cause in the
+    constructor becomes one line, while one with no settings given (a bug) is left as it is.
     """
-    for family in FAMILIES:
-        if image_size is not None and "image_size" in inspect.signature(family.create).parameters:
-            settings["image_size"] = image_size
-        else:
-            settings.pop("image_size", None)
-        try:
-            model = family.create(name, rngs=nnx.Rngs(seed), **settings)
-        except ScalingError:
+    family = family_of(name)
+    if unknown := sorted(set(settings) - family.settings):
+        valid = ", ".join(sorted(family.settings - {"image_size"}))
+        raise ScalingError(f"{name} has no setting {unknown[0]!r}; its settings: {valid}")
+    if family.resolution_dependent and image_size is not None:
+        settings["image_size"] = image_size
+    try:
+        return family.build(name, rngs=nnx.Rngs(seed), **settings)
+    except ScalingError:
+        raise
+    except (TypeError, ValueError) as e:
+        if not settings:
             raise
-        except (TypeError, ValueError) as e:  # a setting of the wrong name, type or value
-            reason = str(e).splitlines()[0].split("() ")[-1]
-            raise ScalingError(f"{name}: invalid settings {sorted(settings)}: {reason}") from None
-        if model is not None:
-            return model
-    valid = "; ".join(f.NAMES for f in FAMILIES)
-    raise ScalingError(f"unknown model {name!r}; valid names: {valid}")
+        reason = str(e).splitlines()[0].split("() ")[-1]
+        raise ScalingError(f"{name}: invalid settings {sorted(settings)}: {reason}") from None
 
 
 def default_image_size(name: str) -> int:
     """The input resolution a named model was designed for (224 for ImageNet nets, 32 for CIFAR)."""
-    for family in FAMILIES:
-        if (size := family.default_image_size(name)) is not None:
-            return size
-    return 32
+    return family_of(name).image_size(name)
 
 
 def abstract(name: str, **settings) -> nnx.Module:

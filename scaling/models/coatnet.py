@@ -62,6 +62,7 @@ from scaling.models.layers import (
     relative_bias,
     resize_bias_table,
 )
+from scaling.models.registry import Family, register
 from scaling.ops.activations import gelu
 from scaling.ops.conv import conv_general_dilated_pointwise
 
@@ -75,7 +76,6 @@ SIZES = {
 }
 LAYOUTS = ("CCCC", "CCCT", "CCTT", "CTTT", "VIT_REL")
 STRIDE_ON = ("depthwise", "expansion")  # which conv of a downsampling MBConv strides
-NAMES = "coatnet_{0,1,2,3,4}, coatnet (settings layout, depths, dims)"
 VIT_REL_DEFAULTS = ((12,), (384,))  # ViT-S sized when no depths/dims are given
 
 LN_EPSILON = 1e-6  # timm's coatnet_0_224 (the MaxViT code's); BatchNorm's is 1e-5
@@ -488,9 +488,19 @@ def create(name, *, image_size=None, **settings):
 
 
 def default_image_size(name):
-    return 224 if re.fullmatch(r"coatnet(_[0-4])?", name) else None
+    return 224
 
 
-# Parameter counts and parameter-matched sizes, for the experiments (`coatnet_sizing`, which
-# builds this module's blocks, so imported last).
+register(
+    Family(
+        name="coatnet",
+        pattern=r"coatnet(_\d+)?",
+        build=create,
+        constructor=CoAtNet,
+        examples=("coatnet_0", "coatnet_1", "coatnet_2", "coatnet_3", "coatnet_4"),
+        image_size=default_image_size,
+        names="coatnet_{0,1,2,3,4}, coatnet (settings layout, depths, dims)",
+        resolution_dependent=True,  # relative-bias tables sized by each stage's map
+    )
+)
 from scaling.models.coatnet_sizing import count_params, match_params  # noqa: E402, F401

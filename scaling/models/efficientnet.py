@@ -52,6 +52,7 @@ from flax import nnx
 
 from scaling import ScalingError
 from scaling.models.layers import DepthwiseConv, bias_free_conv, conv_init, depthwise_init
+from scaling.models.registry import Family, register
 from scaling.ops.conv import conv_general_dilated_pointwise
 from scaling.scale import compound_coefficients, round_filters, round_repeats
 
@@ -78,7 +79,6 @@ VARIANTS = {
     6: (1.8, 2.6, 528, 0.5),
     7: (2.0, 3.1, 600, 0.5),
 }
-NAMES = "efficientnet, efficientnet_b{0-7}, efficientnet[_b{0-7}]_cifar"
 
 # Convs: He-normal on fan-out (`layers.conv_init`, `layers.depthwise_init`), as the reference.
 # Classifier: uniform(-1/sqrt(classes), 1/sqrt(classes)), as the reference dense initializer.
@@ -265,3 +265,19 @@ def default_image_size(name):
         return None
     variant, cifar = parsed
     return 32 if cifar else VARIANTS[variant or 0][2]
+
+
+register(
+    Family(
+        name="efficientnet",
+        pattern=r"efficientnet(_b\d+)?(_cifar)?",
+        build=create,
+        constructor=EfficientNet,
+        examples=tuple(f"efficientnet_b{v}" for v in VARIANTS) + ("efficientnet_cifar",),
+        image_size=default_image_size,
+        names="efficientnet, efficientnet_b{0-7}, efficientnet[_b{0-7}]_cifar",
+        width="width_coefficient",
+        depth="depth_coefficient",
+        extra_settings=("phi",),
+    )
+)

@@ -33,8 +33,11 @@ class Family:
 
     @property
     def settings(self) -> frozenset[str]:
-        parameters = inspect.signature(self.constructor).parameters
-        keywords = {n for n, p in parameters.items() if p.kind is not p.VAR_POSITIONAL}
+        init = self.constructor.__init__ if isinstance(self.constructor, type) else self.constructor
+        parameters = inspect.signature(init).parameters
+        keywords = {
+            n for n, p in parameters.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+        }
         return frozenset(keywords - {"self", "rngs"} | set(self.extra_settings))
 
 

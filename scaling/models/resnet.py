@@ -31,6 +31,7 @@ from flax import nnx
 
 from scaling import ScalingError
 from scaling.models.layers import bias_free_conv, conv_padding
+from scaling.models.registry import Family, register
 from scaling.models.stack import Stack, unstack
 from scaling.ops.conv import conv_general_dilated
 from scaling.scale import round_filters, round_repeats
@@ -46,9 +47,6 @@ IMAGENET_SIZES = {
 }
 IMAGENET_WIDTHS = (64, 128, 256, 512)
 CIFAR_WIDTHS = (16, 32, 64)
-NAMES = (
-    "resnet{6n+2} (CIFAR), resnet{18,34,50,101,152,200} (ImageNet), preact_resnet*, wrn{6n+4}_{k}"
-)
 
 
 def make_norm(kind, dtype, rngs):
@@ -302,7 +300,7 @@ def create(name, **kw):
 
 def default_image_size(name):
     m = re.fullmatch(r"(preact_)?resnet(\d+)", name)
-    return 224 if m and int(m[2]) in IMAGENET_SIZES else None
+    return 224 if m and int(m[2]) in IMAGENET_SIZES else 32
 
 
 def unrolled(model: ResNet) -> ResNet:
@@ -313,3 +311,45 @@ def unrolled(model: ResNet) -> ResNet:
         blocks.extend(unstack(block.blocks) if isinstance(block, Stack) else [block])
     new.blocks = nnx.List(blocks)
     return new
+
+
+register(
+    Family(
+        name="resnet",
+        pattern=r"(preact_)?resnet\d+",
+        build=create,
+        constructor=ResNet,
+        examples=(
+            "resnet20",
+            "resnet32",
+            "resnet44",
+            "resnet56",
+            "resnet110",
+            "resnet18",
+            "resnet34",
+            "resnet50",
+            "resnet101",
+            "resnet152",
+            "resnet200",
+            "preact_resnet18",
+            "preact_resnet50",
+        ),  # fmt: skip
+        image_size=default_image_size,
+        names="resnet{6n+2} (CIFAR), resnet{18,34,50,101,152,200} (ImageNet), preact_resnet*",
+        width="width_multiplier",
+        depth="depth_multiplier",
+    )
+)
+register(
+    Family(
+        name="wrn",
+        pattern=r"wrn\d+_\d+",
+        build=create,
+        constructor=ResNet,
+        examples=("wrn16_4", "wrn16_8", "wrn22_8", "wrn28_10", "wrn40_4"),
+        image_size=default_image_size,
+        names="wrn{6n+4}_{k}",
+        width="width_multiplier",
+        depth="depth_multiplier",
+    )
+)

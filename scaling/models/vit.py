@@ -28,6 +28,7 @@ from flax import nnx
 
 from scaling import ScalingError
 from scaling.models.layers import Mlp, SelfAttention
+from scaling.models.registry import Family, register
 from scaling.models.stack import apply_block, scan_blocks, unstack
 from scaling.ops import dense
 
@@ -39,7 +40,6 @@ SIZES = {
     "l": (1024, 24, 4096, 16),
     "h": (1280, 32, 5120, 16),
 }
-NAMES = "vit_{ti,s,b,l,h}{patch} (e.g. vit_b16, vit_h14, vit_s4)"
 POOLS = ("token", "gap")
 
 LN_EPSILON = 1e-6
@@ -271,5 +271,18 @@ def create(name, *, image_size=None, **settings):
 
 
 def default_image_size(name):
-    m = re.fullmatch(r"vit_([a-z]+)(\d+)", name)
-    return 224 if m and m[1] in SIZES else None
+    return 224
+
+
+register(
+    Family(
+        name="vit",
+        pattern=r"vit_[a-z]+\d+",
+        build=create,
+        constructor=ViT,
+        examples=("vit_ti16", "vit_s16", "vit_b16", "vit_b32", "vit_l16", "vit_h14", "vit_s4"),
+        image_size=default_image_size,
+        names="vit_{ti,s,b,l,h}{patch} (e.g. vit_b16, vit_h14, vit_s4)",
+        resolution_dependent=True,  # position embeddings: one per patch
+    )
+)
