@@ -1,8 +1,9 @@
 """Study: CoAtNet stage layouts at matched parameters, generalization vs capacity (Dai et al.).
 
 C-C-C-C, C-C-C-T, C-C-T-T, C-T-T-T (and the all-attention VIT_REL with `vit_rel=True`), each
-sized by `coatnet.match_params` to the same parameter count. Generalization: the train-test gap
-when trained on a small subset. Capacity: training accuracy on the full set at a fixed budget.
+sized by `coatnet_sizing.match_params` to the same parameter count. Generalization: the
+train-test gap when trained on a small subset. Capacity: training accuracy on the full set at a
+fixed budget.
 
     scaling sweep --config configs/coatnet_layouts.py --workdir runs/layouts --dry-run
 """
@@ -13,7 +14,7 @@ import ml_collections
 
 from scaling import sweep
 from scaling.config import parse_arg
-from scaling.models import coatnet
+from scaling.models import coatnet_sizing
 
 
 def get_config(arg=None):
@@ -42,7 +43,7 @@ def get_config(arg=None):
     c.base.schedule.warmup_steps = arg["steps"] // 10
     layouts = ["CCCC", "CCCT", "CCTT", "CTTT"] + (["VIT_REL"] if arg["vit_rel"] else [])
     sized = [
-        coatnet.match_params(
+        coatnet_sizing.match_params(
             layout, arg["params"], num_classes=arg["num_classes"], small_images=True,
             image_size=arg["image_size"],
             depths=None if layout == "VIT_REL" else [int(d) for d in arg["depths"].split("+")],

@@ -15,7 +15,7 @@ import ml_collections
 
 from scaling import models, sweep
 from scaling.config import parse_arg
-from scaling.models import coatnet
+from scaling.models import coatnet_sizing
 
 WRN_GRID = [f"wrn{d}_{k}" for d in (10, 16, 22, 28, 40) for k in (1, 2, 4, 8, 10)]
 VIT_DEPTH = 6  # ViT-Ti's proportions, shallower: width grows in 32-wide heads, MLP 4x width
@@ -37,8 +37,9 @@ def models_at(params, num_classes, image_size, coatnet_depths):
                     pool="gap")  # fmt: skip
 
     width = nearest(range(32, 1025, 32), params, lambda w: count("vit_ti4", **vit(w)))
-    coat = coatnet.match_params("CCTT", params, depths=coatnet_depths, num_classes=num_classes,
-                                small_images=True, image_size=image_size)  # fmt: skip
+    coat = coatnet_sizing.match_params("CCTT", params, depths=coatnet_depths,
+                                       num_classes=num_classes, small_images=True,
+                                       image_size=image_size)  # fmt: skip
     return {
         nearest(WRN_GRID, params, count): {},
         "vit_ti4": vit(width),  # patch 4: 64 tokens at 32x32

@@ -339,7 +339,7 @@ def enable_compilation_cache():
     share an architecture compile it once. $JAX_COMPILATION_CACHE_DIR, if set, wins."""
     import jax
 
-    from scaling.data import cache_directory
+    from scaling.decode import cache_directory
 
     if not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", str(cache_directory() / "jax"))

@@ -12,7 +12,7 @@ from flax import nnx
 
 from scaling import ScalingError, data, flops, models
 from scaling.config import load_config
-from scaling.models import coatnet, layers
+from scaling.models import coatnet, coatnet_sizing, layers
 from scaling.rundir import read_metrics
 from scaling.train import train
 
@@ -34,7 +34,7 @@ TINY = dict(depths=(1, 1, 1, 1, 1), dims=(16, 16, 32, 32, 32), head_size=16)
 def test_sizes_match_the_paper(name):
     paper_params, paper_macs, params, macs, expansion_macs = SIZES[name]
     depths, dims = coatnet.SIZES[int(name[-1])]
-    assert coatnet.count_params("CCTT", depths, dims) == params  # the fast count
+    assert coatnet_sizing.count_params("CCTT", depths, dims) == params  # the fast count
     assert abs(params / paper_params - 1) < 0.05
     if paper_macs is not None:  # the paper gives no 224 figure for CoAtNet-4 (and it builds slowly)
         model = models.abstract(name)
@@ -146,7 +146,7 @@ def test_fast_count_equals_the_model(layout):
     tiny = dict(depths=(3,), dims=(64,)) if layout == "VIT_REL" else TINY
     settings = dict(image_size=32, small_images=True, num_classes=10)
     model = models.abstract("coatnet", layout=layout, **tiny, **settings)
-    assert coatnet.count_params(layout, **tiny, **settings) == models.count_params(model)
+    assert coatnet_sizing.count_params(layout, **tiny, **settings) == models.count_params(model)
 
 
 @pytest.mark.parametrize("layout", coatnet.LAYOUTS)
@@ -184,7 +184,7 @@ def test_vit_rel_trains_on_digits(tmp_path):
     summary = train(config, tmp_path)
     losses = [r["loss"] for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
     assert losses[-1] < 0.9 * losses[0]
-    assert summary["params"] == coatnet.count_params(
+    assert summary["params"] == coatnet_sizing.count_params(
         layout, image_size=16, small_images=True, num_classes=10, **tiny
     )
 
@@ -241,14 +241,14 @@ def test_each_layout_learns_digits(digits):
 def test_layouts_matched_at_a_parameter_count():
     target, settings = 2e6, dict(image_size=32, small_images=True, num_classes=10)
     for layout in coatnet.LAYOUTS:
-        found = coatnet.match_params(layout, target, **settings)
+        found = coatnet_sizing.match_params(layout, target, **settings)
         assert abs(found["params"] / target - 1) < 0.1, found
         assert list(found["dims"]) == sorted(found["dims"]), found  # stages never narrow
-        assert found["params"] == coatnet.count_params(
+        assert found["params"] == coatnet_sizing.count_params(
             layout, found["depths"], found["dims"], **settings
         )
     assert found["layout"] == "VIT_REL" and len(found["depths"]) == 1
-    cttt = coatnet.match_params("CTTT", target, **settings)
+    cttt = coatnet_sizing.match_params("CTTT", target, **settings)
     model = models.abstract(
         "coatnet", layout="CTTT", depths=cttt["depths"], dims=cttt["dims"], **settings
     )

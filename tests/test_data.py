@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from scaling import ScalingError, data
+from scaling import ScalingError, data, decode
 
 COLOURS = {"zebra": (200, 40, 40), "apple": (40, 200, 40), "mango": (40, 40, 200)}
 CLASSES = tuple(sorted(COLOURS))  # the label order load() must use
@@ -201,18 +201,18 @@ def test_folder_cache_is_hit_and_keyed_on_content(tmp_path, monkeypatch):
     first = data.load(f"folder:{tree}", 8, cache_dir=cache)
     assert len(list(cache.glob("*.npz"))) == 1
     assert not list(cache.glob("*.tmp"))
-    decode = data._decode_files
+    real_decode = decode.decode_files
 
     def must_not_decode(*args):
         raise AssertionError("decoded although the cache holds this folder")
 
-    monkeypatch.setattr(data, "_decode_files", must_not_decode)
+    monkeypatch.setattr(decode, "decode_files", must_not_decode)
     second = data.load(f"folder:{tree}", 8, cache_dir=cache)
     assert np.array_equal(first.train_images, second.train_images)
     assert np.array_equal(first.test_labels, second.test_labels)
     assert second.class_names == first.class_names
 
-    monkeypatch.setattr(data, "_decode_files", decode)
+    monkeypatch.setattr(decode, "decode_files", real_decode)
     data.load(f"folder:{tree}", 12, cache_dir=cache)  # another size: another entry
     Image.new("RGB", (10, 14), (1, 2, 3)).save(tree / "train" / "apple" / "0.png")
     data.load(f"folder:{tree}", 8, cache_dir=cache)  # changed content: another entry
@@ -236,7 +236,7 @@ def test_cache_write_is_atomic(tmp_path, monkeypatch):
 def test_parallel_decode_matches_in_process(tmp_path, monkeypatch):
     tree = make_tree(tmp_path / "tree")
     serial = data.load(f"folder:{tree}", 8, cache_dir=tmp_path / "serial")
-    monkeypatch.setattr(data, "_CHUNK", 5)  # 24 images: several chunks, so worker processes
+    monkeypatch.setattr(decode, "CHUNK", 5)  # 24 images: several chunks, so worker processes
     parallel = data.load(f"folder:{tree}", 8, cache_dir=tmp_path / "parallel")
     assert np.array_equal(serial.train_images, parallel.train_images)
     assert np.array_equal(serial.test_images, parallel.test_images)
@@ -329,7 +329,7 @@ def test_cache_directory_must_be_a_writable_directory(tmp_path, monkeypatch):
         def denied(*args, **kwargs):
             raise PermissionError(13, "Permission denied")
 
-        monkeypatch.setattr(data.tempfile, "TemporaryFile", denied)
+        monkeypatch.setattr(decode.tempfile, "TemporaryFile", denied)
     with pytest.raises(ScalingError, match="locked is not writable \\(Permission denied\\)"):
         data.load(f"folder:{tree}", 8, cache_dir=locked)
     locked.chmod(0o755)

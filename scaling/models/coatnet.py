@@ -39,11 +39,9 @@ The relative-bias tables are sized by each stage's feature map, so the network i
 resolution (`image_size`); `resize(model, image_size)` returns it at another, each table
 resized bilinearly (the paper's fine-tuning at higher resolution). `small_images=True` drops the
 stem's stride (and uses patch 8 for VIT_REL), so 32x32 inputs give T stages 8x8 / 4x4 / 2x2
-tokens instead of 4x4 / 2x2 / 1x1. `match_params` picks widths so that layouts can be compared
-at a matched parameter count.
+tokens instead of 4x4 / 2x2 / 1x1. `coatnet_sizing.match_params` picks widths so that layouts
+can be compared at a matched parameter count.
 """
-
-import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -474,21 +472,12 @@ def resize(model: CoAtNet, image_size: int) -> CoAtNet:
 
 
 def create(name, *, image_size=None, **settings):
-    """Build `coatnet_{0..4}` or `coatnet` (any layout/depths/dims); None for other names."""
-    image_size = 224 if image_size is None else image_size
-    if name == "coatnet":
-        return CoAtNet(image_size=image_size, **settings)
-    m = re.fullmatch(r"coatnet_(\d+)", name)
-    if not m:
-        return None
-    if int(m[1]) not in SIZES:
-        raise ScalingError(f"unknown CoAtNet size {name}; valid: coatnet_0 ... coatnet_4")
-    depths, dims = SIZES[int(m[1])]
-    return CoAtNet(image_size=image_size, **{"depths": depths, "dims": dims, **settings})
-
-
-def default_image_size(name):
-    return 224
+    """Build `coatnet_{0..4}`, or `coatnet` with any layout, depths and dims."""
+    if name != "coatnet":
+        if (size := int(name.removeprefix("coatnet_"))) not in SIZES:
+            raise ScalingError(f"unknown CoAtNet size {name}; valid: coatnet_0 ... coatnet_4")
+        settings = {"depths": SIZES[size][0], "dims": SIZES[size][1], **settings}
+    return CoAtNet(image_size=image_size or 224, **settings)
 
 
 register(
@@ -498,9 +487,8 @@ register(
         build=create,
         constructor=CoAtNet,
         examples=("coatnet_0", "coatnet_1", "coatnet_2", "coatnet_3", "coatnet_4"),
-        image_size=default_image_size,
+        image_size=lambda name: 224,
         names="coatnet_{0,1,2,3,4}, coatnet (settings layout, depths, dims)",
         resolution_dependent=True,  # relative-bias tables sized by each stage's map
     )
 )
-from scaling.models.coatnet_sizing import count_params, match_params  # noqa: E402, F401

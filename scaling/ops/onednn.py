@@ -11,7 +11,7 @@ model to choose between oneDNN and XLA per shape.
 
 oneDNN comes from the `cpu` extra (Intel's `onednn-cpu-gomp` wheels, headers included); the
 calls are compiled on first use with the system's C++ compiler, once per source and jaxlib
-version, into `data.cache_directory()` ($SCALING_CACHE_DIR, default ~/.cache/scaling). Without
+version, into `decode.cache_directory()` ($SCALING_CACHE_DIR, default ~/.cache/scaling). Without
 oneDNN or a compiler, or with SCALING_ONEDNN=0, `available()` is False and models use XLA's
 convolutions.
 
@@ -38,7 +38,7 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from scaling import ScalingError, data
+from scaling import ScalingError, decode
 from scaling.ops import backend
 
 SOURCE = Path(__file__).with_name("onednn_conv.cc")
@@ -56,7 +56,7 @@ def _build(prefix: Path) -> Path:
     key = hashlib.sha256(
         SOURCE.read_bytes() + jaxlib.__version__.encode() + str(prefix).encode()
     ).hexdigest()[:16]
-    library = data.cache_directory() / f"onednn_conv-{key}.so"
+    library = decode.cache_directory() / f"onednn_conv-{key}.so"
     if library.exists():
         return library
     with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
