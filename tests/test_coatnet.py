@@ -277,7 +277,7 @@ def test_layouts_matched_at_a_parameter_count():
         ("coatnet", {"layout": "VIT_REL", "image_size": 200}, "not divisible by VIT_REL's patch"),
         ("coatnet_0", {"image_size": 0}, "image_size must be a positive integer"),
         ("coatnet_0", {"stochastic_depth": -0.1}, "[0, 1)"),
-        ("coatnet_0", {"colour": "red"}, "unexpected keyword argument 'colour'"),
+        ("coatnet_0", {"colour": "red"}, "has no setting 'colour'"),
     ],
 )
 def test_bad_names_and_settings_are_clear_errors(name, settings, message):

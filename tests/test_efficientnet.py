@@ -332,7 +332,7 @@ def test_depthwise_gradient_is_computed_sharded():
         ("efficientnet", {"width_coefficient": 0}, "positive"),
         ("efficientnet", {"dropout": 1.0}, "dropout must be in [0, 1)"),
         ("efficientnet", {"depthwise": "fft"}, "valid: shift, conv"),
-        ("efficientnet", {"colour": "red"}, "unexpected keyword argument 'colour'"),
+        ("efficientnet", {"colour": "red"}, "has no setting 'colour'"),
         ("vgg16", {}, "efficientnet_b{0-7}"),
     ],
 )

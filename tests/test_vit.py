@@ -249,7 +249,7 @@ def test_info_passes_the_image_size(capsys):
         ("vit_b16", {"depth": 0}, "depth must be a positive integer"),
         ("vit_b0", {}, "patch_size must be a positive integer"),
         ("vit_b16", {"stochastic_depth": 1.0}, "[0, 1)"),
-        ("vit_b16", {"colour": "red"}, "unexpected keyword argument 'colour'"),
+        ("vit_b16", {"colour": "red"}, "has no setting 'colour'"),
     ],
 )
 def test_bad_names_and_settings_are_clear_errors(name, settings, message):

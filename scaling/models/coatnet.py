@@ -477,7 +477,7 @@ def create(name, *, image_size=None, **settings):
         if (size := int(name.removeprefix("coatnet_"))) not in SIZES:
             raise ScalingError(f"unknown CoAtNet size {name}; valid: coatnet_0 ... coatnet_4")
         settings = {"depths": SIZES[size][0], "dims": SIZES[size][1], **settings}
-    return CoAtNet(image_size=image_size or 224, **settings)
+    return CoAtNet(image_size=224 if image_size is None else image_size, **settings)
 
 
 register(

@@ -15,7 +15,7 @@ a GPU or a TPU is decided in this package alone (`backend()`):
 import contextlib
 import contextvars
 
-import jax
+# No module-level JAX import: `scaling.ops.cpu.configure()` must run before JAX starts.
 
 # Set while `scaling.flops` traces a model to count its operations (`counting`).
 _COUNTING = contextvars.ContextVar("scaling_counting", default=False)
@@ -43,6 +43,8 @@ def is_counting() -> bool:
 
 def backend() -> str:
     """The platform JAX computes on: 'cpu', 'gpu' or 'tpu'."""
+    import jax
+
     return jax.default_backend()
 
 
