@@ -219,10 +219,8 @@ class EfficientNet(nnx.Module):
 
 
 def parse(name):
-    """(variant or None, cifar) for a name of this family; None if it is not one."""
+    """(variant or None, cifar) for a name of this family."""
     m = re.fullmatch(r"efficientnet(?:_b(\d+))?(_cifar)?", name)
-    if not m:
-        return None
     variant = None if m[1] is None else int(m[1])
     if variant is not None and variant not in VARIANTS:
         raise ScalingError(f"unknown EfficientNet variant b{variant}; valid: b0 ... b7")
@@ -230,10 +228,8 @@ def parse(name):
 
 
 def create(name, **kw):
-    """Build a model of this family by name; None if the name is not of this family."""
-    if (parsed := parse(name)) is None:
-        return None
-    variant, cifar = parsed
+    """Build `efficientnet[_bN][_cifar]`, or B0 grown by compound scaling (`phi`)."""
+    variant, cifar = parse(name)
     width, depth, _, dropout = VARIANTS[variant or 0]
     if (phi := kw.pop("phi", None)) is not None:
         _check_phi(phi)
@@ -261,9 +257,7 @@ def _check_phi(phi) -> None:
 
 
 def default_image_size(name):
-    if (parsed := parse(name)) is None:
-        return None
-    variant, cifar = parsed
+    variant, cifar = parse(name)
     return 32 if cifar else VARIANTS[variant or 0][2]
 
 

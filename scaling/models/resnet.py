@@ -284,18 +284,17 @@ def wide_resnet(depth, k, **kw):
 
 
 def create(name, **kw):
-    """Build a model of this family by name; None if the name is not of this family."""
+    """Build `wrn{d}_{k}`, `resnet{d}` or `preact_resnet{d}` (the registry's patterns)."""
     if m := re.fullmatch(r"wrn(\d+)_(\d+)", name):
         return wide_resnet(int(m[1]), int(m[2]), **kw)
-    if m := re.fullmatch(r"(preact_)?resnet(\d+)", name):
-        depth = int(m[2])
-        if m[1]:
-            kw = {"preact": True, **kw}
-        # The ImageNet table wins where a depth is also 6n+2 (50, 152, 200).
-        if depth in IMAGENET_SIZES:
-            return imagenet_resnet(depth, **kw)
-        return cifar_resnet(depth, **kw)
-    return None
+    m = re.fullmatch(r"(preact_)?resnet(\d+)", name)
+    depth = int(m[2])
+    if m[1]:
+        kw = {"preact": True, **kw}
+    # The ImageNet table wins where a depth is also 6n+2 (50, 152, 200).
+    if depth in IMAGENET_SIZES:
+        return imagenet_resnet(depth, **kw)
+    return cifar_resnet(depth, **kw)
 
 
 def default_image_size(name):

@@ -258,10 +258,8 @@ def unrolled(model: ViT) -> ViT:
 
 
 def create(name, *, image_size=None, **settings):
-    """Build `vit_{size}{patch}`; None if the name is not a ViT name."""
+    """Build `vit_{size}{patch}`."""
     m = re.fullmatch(r"vit_([a-z]+)(\d+)", name)
-    if not m:
-        return None
     if m[1] not in SIZES:
         raise ScalingError(f"unknown ViT size {m[1]!r} in {name}; valid: {', '.join(SIZES)}")
     width, depth, mlp_dim, heads = SIZES[m[1]]
