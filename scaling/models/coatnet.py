@@ -76,6 +76,9 @@ LAYOUTS = ("CCCC", "CCCT", "CCTT", "CTTT", "VIT_REL")
 STRIDE_ON = ("depthwise", "expansion")  # which conv of a downsampling MBConv strides
 VIT_REL_DEFAULTS = ((12,), (384,))  # ViT-S sized when no depths/dims are given
 
+# The constructor's settings that reach the blocks (`make_block`'s `settings`).
+BLOCK_SETTINGS = ("num_classes", "head_size", "expansion", "se_ratio", "stride_on", "padding",
+                  "dropout", "attention_dropout", "stochastic_depth")  # fmt: skip
 LN_EPSILON = 1e-6  # timm's coatnet_0_224 (the MaxViT code's); BatchNorm's is 1e-5
 
 
@@ -378,17 +381,8 @@ class CoAtNet(nnx.Module):
         in_channels=3,
         rngs: nnx.Rngs,
     ):
-        settings = dict(
-            num_classes=num_classes,
-            head_size=head_size,
-            expansion=expansion,
-            se_ratio=se_ratio,
-            stride_on=stride_on,
-            padding=padding,
-            dropout=dropout,
-            attention_dropout=attention_dropout,
-            stochastic_depth=stochastic_depth,
-        )
+        # The settings every block reads, by name (coatnet_sizing.count_params reads the same).
+        settings = {name: value for name, value in locals().items() if name in BLOCK_SETTINGS}
         depths, dims, blocks = plan(layout, depths, dims, image_size, small_images, settings)
         self.layout, self.image_size, self.small_images = layout, image_size, small_images
         self.stem = Stem(

@@ -6,49 +6,41 @@ give a layout about a target count. Both are also `scaling.models.coatnet`'s.
 """
 
 import functools
+import inspect
 import math
 
 from flax import nnx
 
 from scaling import ScalingError
-from scaling.models.coatnet import SIZES, VIT_REL_DEFAULTS, Stem, check_layout, make_block, plan
+from scaling.models.coatnet import (
+    BLOCK_SETTINGS,
+    SIZES,
+    VIT_REL_DEFAULTS,
+    CoAtNet,
+    Stem,
+    check_layout,
+    make_block,
+    plan,
+)
 
 
-def count_params(
-    layout="CCTT",
-    depths=None,
-    dims=None,
-    *,
-    image_size=224,
-    small_images=False,
-    num_classes=1000,
-    head_size=32,
-    expansion=4,
-    se_ratio=0.25,
-    stride_on="depthwise",
-    padding="symmetric",
-    pre_logits=True,
-    in_channels=3,
-    dropout=0.0,
-    attention_dropout=0.0,
-    stochastic_depth=0.0,
-    dtype=None,
-):
+def count_params(layout="CCTT", depths=None, dims=None, **settings):
     """Trainable parameters of `CoAtNet(layout=..., ...)`, fast: each distinct block is built
     shape-only on its own (a whole deep network traced at once costs seconds), the rest summed.
-    Equal to `models.count_params` of the whole model (a test checks). Dropout rates and dtype
-    change no count; they are accepted so that any model's settings can be passed."""
-    settings = dict(
-        num_classes=num_classes,
-        head_size=head_size,
-        expansion=expansion,
-        se_ratio=se_ratio,
-        stride_on=stride_on,
-        padding=padding,
-        dropout=dropout,
-        attention_dropout=attention_dropout,
-        stochastic_depth=stochastic_depth,
-    )
+    Equal to `models.count_params` of the whole model (a test checks). `settings` are CoAtNet's
+    (its defaults where not given); dropout rates and dtype change no count but are accepted, so
+    that any model's settings can be passed."""
+    defaults = {
+        name: p.default
+        for name, p in inspect.signature(CoAtNet.__init__).parameters.items()
+        if p.kind is p.KEYWORD_ONLY and name not in ("layout", "depths", "dims", "rngs")
+    }
+    if unknown := sorted(set(settings) - set(defaults)):
+        raise ScalingError(f"CoAtNet has no setting {unknown[0]!r}")
+    every = {**defaults, **settings}
+    image_size, small_images = every["image_size"], every["small_images"]
+    in_channels, num_classes, padding = every["in_channels"], every["num_classes"], every["padding"]
+    settings = {name: every[name] for name in BLOCK_SETTINGS}
     depths, dims, blocks = plan(layout, depths, dims, image_size, small_images, settings)
     settings.update(dropout=0.0, attention_dropout=0.0, stochastic_depth=0.0)  # validated above
     key = tuple(sorted(settings.items()))
@@ -65,7 +57,8 @@ def count_params(
         dtype=None,
     )
     width = blocks[-1][2]
-    head = 2 * width + (width * width + width if pre_logits else 0) + (width + 1) * num_classes
+    pre_logits = width * width + width if every["pre_logits"] else 0
+    head = 2 * width + pre_logits + (width + 1) * num_classes
     return _params(stem) + blocks_total + head
 
 
