@@ -16,7 +16,6 @@ skips finished trials (those with a summary.json), resumes unfinished ones from 
 checkpoint, and retries failed or diverged ones only when asked.
 """
 
-import contextlib
 import copy
 import dataclasses
 import fcntl
@@ -50,6 +49,7 @@ from scaling.rundir import (
     write_index,
     write_json_atomic,
 )
+from scaling.signals import on_stop_signals
 
 STATES = ("pending", "running", "done", "failed", "diverged")
 
@@ -199,17 +199,8 @@ class Trainers:
             for child in self.running:
                 child.send_signal(signal.SIGTERM)
 
-    @contextlib.contextmanager
     def stopped_by_signals(self):
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        previous = {s: signal.signal(s, self.stop) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
+        return on_stop_signals(self.stop)
 
 
 def run_trial(trial_dir: Path, extra_args=(), trainers=None) -> tuple[str, str | None]:

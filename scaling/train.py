@@ -37,6 +37,7 @@ from scaling.config import check_training_config
 from scaling.optim import make_optimizer
 from scaling.pipeline import data_on_device, evaluate, global_batches, pixel_statistics
 from scaling.rundir import json_config, read_metrics, write_json_atomic
+from scaling.signals import on_stop_signals
 from scaling.steps import AUGMENTATIONS, DTYPES, ZERO_SUMS, make_steps
 
 
@@ -57,21 +58,14 @@ def stop_on_signal():
     """An event set by SIGTERM (what a preempted VM gets) or Ctrl-C, so the loop can checkpoint
     and stop. A second Ctrl-C interrupts at once."""
     event = threading.Event()
-    if threading.current_thread() is not threading.main_thread():  # signals reach main only
-        yield event
-        return
 
     def stop(signum, _):
         event.set()
         event.signal = signal.Signals(signum).name
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
-    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
+    with on_stop_signals(stop):
         yield event
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
 
 
 def settings_of(config) -> dict:
