@@ -16,6 +16,7 @@ import functools
 import json
 import math
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -28,7 +29,6 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
-from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from scaling import Diverged, ScalingError, Stopped, data, flops, models, pretrained, rundir
@@ -66,6 +66,22 @@ def stop_on_signal():
 
     with on_stop_signals(stop):
         yield event
+
+
+def summary_writer():
+    """tensorboardX's SummaryWriter, imported without PyTorch where nothing has imported it yet:
+    tensorboardX imports torch, when installed, only to accept its tensors, which are never
+    written here (4 s of every training process's start)."""
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # `import torch` raises ImportError meanwhile
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
 
 
 def settings_of(config) -> dict:
@@ -226,10 +242,6 @@ def run(config, workdir: Path, ds, model_settings, total_steps, stop_after):
     if start:
         print(f"resumed from step {start} in {workdir}")
 
-    # TensorBoard event files beside metrics.jsonl, to watch a run (or a sweep directory) live;
-    # purge_step hides the events of steps that a resume redoes.
-    board = SummaryWriter(str(workdir), purge_step=start or None) if is_writer else None
-
     def log(record):
         if is_writer:
             with metrics_path.open("a") as f:
@@ -239,81 +251,90 @@ def run(config, workdir: Path, ds, model_settings, total_steps, stop_after):
                     board.add_scalar(key, value, record["step"])
             board.flush()
 
-    t0 = time.perf_counter()
-    wall = lambda: wall_before + time.perf_counter() - t0  # noqa: E731
-    end = total_steps if stop_after is None else min(total_steps, start + stop_after)
-    window_start, last_finite_loss = time.perf_counter(), None
-    bar = tqdm(total=total_steps, initial=start, unit="step", disable=None, dynamic_ncols=True)
-    on_device = data_on_device(config.data_on_device, ds)
-    batches = global_batches(
-        ds, start, end, config.batch_size, config.seed, batch_sharding, on_device
-    )
-    # closing: async checkpoint writes finish before the run returns or raises (Diverged).
-    with stop_on_signal() as stopping, contextlib.closing(checkpoints):
-        for step in range(start, end):
-            state = train_step(state, *next(batches))
-            done = step + 1
-            if done % config.log_every == 0 or done == total_steps:
-                sums = jax.device_get(state["metric_sums"])
-                state = program.reset_sums(state)
-                means = {k: float(sums[k] / sums["steps"]) for k in ("loss", "accuracy")}
-                if not math.isfinite(means["loss"]):
-                    log(dict(step=done, loss=means["loss"], diverged=True, wall_time=wall()))
-                    raise Diverged(
-                        f"loss became {means['loss']} by step {done}; last finite loss "
-                        f"{last_finite_loss} (learning rate {schedule(step):.3g})"
+    # TensorBoard event files beside metrics.jsonl, to watch a run (or a sweep directory) live;
+    # purge_step hides the events of steps that a resume redoes (the first is start + 1). Closed
+    # however the run ends: the writer queues events, and only closing writes them all.
+    purge = start + 1 if start else None
+    board = summary_writer()(str(workdir), purge_step=purge) if is_writer else None
+    try:
+        t0 = time.perf_counter()
+        wall = lambda: wall_before + time.perf_counter() - t0  # noqa: E731
+        end = total_steps if stop_after is None else min(total_steps, start + stop_after)
+        window_start, last_finite_loss = time.perf_counter(), None
+        bar = tqdm(total=total_steps, initial=start, unit="step", disable=None, dynamic_ncols=True)
+        on_device = data_on_device(config.data_on_device, ds)
+        batches = global_batches(
+            ds, start, end, config.batch_size, config.seed, batch_sharding, on_device
+        )
+        # closing: async checkpoint writes finish before the run returns or raises (Diverged).
+        with stop_on_signal() as stopping, contextlib.closing(checkpoints):
+            for step in range(start, end):
+                state = train_step(state, *next(batches))
+                done = step + 1
+                if done % config.log_every == 0 or done == total_steps:
+                    sums = jax.device_get(state["metric_sums"])
+                    state = program.reset_sums(state)
+                    means = {k: float(sums[k] / sums["steps"]) for k in ("loss", "accuracy")}
+                    if not math.isfinite(means["loss"]):
+                        log(dict(step=done, loss=means["loss"], diverged=True, wall_time=wall()))
+                        raise Diverged(
+                            f"loss became {means['loss']} by step {done}; last finite loss "
+                            f"{last_finite_loss} (learning rate {schedule(step):.3g})"
+                        )
+                    last_finite_loss = means["loss"]
+                    steps_timed = min(config.log_every, done - start)
+                    rate = steps_timed * config.batch_size / (time.perf_counter() - window_start)
+                    log(
+                        dict(
+                            step=done,
+                            **means,
+                            learning_rate=float(schedule(step)),
+                            images_per_second=rate,
+                            examples_seen=done * config.batch_size,
+                            wall_time=wall(),
+                        )
                     )
-                last_finite_loss = means["loss"]
-                steps_timed = min(config.log_every, done - start)
-                rate = steps_timed * config.batch_size / (time.perf_counter() - window_start)
-                log(
-                    dict(
-                        step=done,
-                        **means,
-                        learning_rate=float(schedule(step)),
-                        images_per_second=rate,
-                        examples_seen=done * config.batch_size,
-                        wall_time=wall(),
-                    )
-                )
-                bar.set_postfix(loss=f"{means['loss']:.3f}", acc=f"{means['accuracy']:.3f}")
-                window_start = time.perf_counter()
-            if config.eval_every and done % config.eval_every == 0 and done < total_steps:
-                loss, acc = run_eval(state, ds.test, len(ds.test_labels))
-                log(dict(step=done, test_loss=loss, test_accuracy=acc, wall_time=wall()))
-            if stopping.is_set():  # SIGTERM or Ctrl-C: checkpoint now and leave, resumable
-                end = done
-            ckpt.save(checkpoints, done, state, force=done == end)
-            bar.update(1)
-            if done == end:
-                break
-    bar.close()
-    if stopping.is_set() and end < total_steps:
-        raise Stopped(f"stopped by {stopping.signal} at step {end} of {total_steps}")
-    if end < total_steps:
-        return None
+                    bar.set_postfix(loss=f"{means['loss']:.3f}", acc=f"{means['accuracy']:.3f}")
+                    window_start = time.perf_counter()
+                if config.eval_every and done % config.eval_every == 0 and done < total_steps:
+                    loss, acc = run_eval(state, ds.test, len(ds.test_labels))
+                    log(dict(step=done, test_loss=loss, test_accuracy=acc, wall_time=wall()))
+                if stopping.is_set():  # SIGTERM or Ctrl-C: checkpoint now and leave, resumable
+                    end = done
+                ckpt.save(checkpoints, done, state, force=done == end)
+                bar.update(1)
+                if done == end:
+                    break
+        bar.close()
+        if stopping.is_set() and end < total_steps:
+            raise Stopped(f"stopped by {stopping.signal} at step {end} of {total_steps}")
+        if end < total_steps:
+            return None
 
-    # Final evaluation: the test split, and a fixed, un-augmented training subset of equal size.
-    n_fit = min(n_train, len(ds.test_labels))
-    train_loss, train_acc = run_eval(state, ds.train, n_fit)
-    test_loss, test_acc = run_eval(state, ds.test, len(ds.test_labels))
-    wall_seconds = wall()
-    log(dict(step=total_steps, test_loss=test_loss, test_accuracy=test_acc, wall_time=wall_seconds))
-    records = [r for r in read_metrics(metrics_path) if "images_per_second" in r]
-    summary = dict(
-        summary_of(config, abstract_model, ds, total_steps),
-        train_accuracy=train_acc,
-        test_accuracy=test_acc,
-        train_loss=train_loss,
-        test_loss=test_loss,
-        generalization_gap=train_acc - test_acc,
-        wall_seconds=wall_seconds,
-        images_per_second=float(np.median([r["images_per_second"] for r in records])),
-    )
-    if is_writer:
-        write_json_atomic(workdir / "summary.json", summary)
-        board.close()
-    return summary
+        # Final evaluation: the test split, and a fixed, un-augmented training subset of equal size.
+        n_fit = min(n_train, len(ds.test_labels))
+        train_loss, train_acc = run_eval(state, ds.train, n_fit)
+        test_loss, test_acc = run_eval(state, ds.test, len(ds.test_labels))
+        wall_seconds = wall()
+        final = dict(test_loss=test_loss, test_accuracy=test_acc, wall_time=wall_seconds)
+        log(dict(step=total_steps, **final))
+        records = [r for r in read_metrics(metrics_path) if "images_per_second" in r]
+        summary = dict(
+            summary_of(config, abstract_model, ds, total_steps),
+            train_accuracy=train_acc,
+            test_accuracy=test_acc,
+            train_loss=train_loss,
+            test_loss=test_loss,
+            generalization_gap=train_acc - test_acc,
+            wall_seconds=wall_seconds,
+            images_per_second=float(np.median([r["images_per_second"] for r in records])),
+        )
+        if is_writer:
+            write_json_atomic(workdir / "summary.json", summary)
+        return summary
+    finally:
+        if board is not None:
+            board.close()
 
 
 def summary_of(config, abstract_model, ds, total_steps) -> dict:

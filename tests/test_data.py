@@ -89,8 +89,16 @@ def test_digits_shapes_and_labels(size):
     # Grey replicated to RGB, 0..16 stretched to 0..255.
     assert (ds.train_images[..., 0] == ds.train_images[..., 2]).all()
     assert ds.train_images.max() == 255 and ds.train_images.min() == 0
-    if size == 8:  # no resize: exactly the rescaled scikit-learn values
-        assert set(np.unique(ds.train_images)) <= {round(v * 255 / 16) for v in range(17)}
+    if size == 8:  # no resize: exactly scikit-learn's images and labels, rescaled
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        images = np.concatenate([ds.train_images, ds.test_images])[..., 0].astype(np.int64)
+        labels = np.concatenate([ds.train_labels, ds.test_labels])
+        expected = sorted(zip(np.round(digits.images * 255 / 16).astype(np.int64).reshape(
+            len(labels), -1).tolist(), digits.target.tolist(), strict=True))  # fmt: skip
+        assert sorted(zip(images.reshape(len(labels), -1).tolist(), labels.tolist(),
+                          strict=True)) == expected  # fmt: skip
 
 
 def test_digits_holdout_is_stratified_and_seeded():

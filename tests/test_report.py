@@ -12,33 +12,57 @@ from scaling import ScalingError, report, results, sweep, train
 GRID = [(10, 1), (10, 2), (16, 1), (16, 2)]  # WRN depth x widening factor
 
 
+def copy_run(sweep_dir, source, model, **summary):
+    """A copy of trial `source`'s files (checkpoints and events left out) as a trial of `model`,
+    its summary (if any) updated with `summary`; returns its name."""
+    import shutil
+
+    name = sweep.trial_name({"model.name": model})
+    shutil.copytree(sweep_dir / source, sweep_dir / name,
+                    ignore=shutil.ignore_patterns("checkpoints", "events.*"))  # fmt: skip
+    for file, update in [("config.json", {}), ("summary.json", summary)]:
+        if (sweep_dir / name / file).exists():
+            record = json.loads((sweep_dir / name / file).read_text())
+            record.update(update, **({"model": model} if file == "summary.json" else {}))
+            if file == "config.json":
+                record["model"]["name"] = model
+            (sweep_dir / name / file).write_text(json.dumps(record))
+    return name
+
+
 @pytest.fixture(scope="module")
 def synthetic_sweep(tmp_path_factory):
-    """A 2x2 WRN sweep on synthetic data, trained for real (in this process, to save the
-    interpreter starts), indexed as `scaling sweep` does: four finished trials, one stopped
-    half-way (running) and one not started (pending)."""
+    """A 2x2 WRN sweep on synthetic data, indexed as `scaling sweep` does: four finished trials,
+    one stopped half-way (running) and one not started (pending). One, wrn10_1, is trained for
+    real (in this process, to save the interpreter start); the others are copies of its files as
+    their own model, with their own parameter counts: wrn10_4 as it was half-way."""
     from conftest import TRAIN_CONFIG
 
+    from scaling import models
     from scaling.config import load_config
 
     workdir = tmp_path_factory.mktemp("sweep")
+    config = load_config(f"{TRAIN_CONFIG}:dataset=synthetic,image_size=8,steps=4,batch_size=32")
+    config.model.name, config.log_every, config.checkpoint_every = "wrn10_1", 1, 2
+    real = workdir / "name=wrn10_1"
+    real.mkdir()
+    (real / "config.json").write_text(json.dumps(train.json_config(config)))
+    train.train(config, real, stop_after=2)
     records = {}
-    for depth, width in [*GRID, (10, 4), (16, 4)]:
-        overrides = {"model.name": f"wrn{depth}_{width}"}
-        name = sweep.trial_name(overrides)
-        records[name] = dict(name=name, state="done", error=None, overrides=overrides)
-        if width == 4 and depth == 16:
-            records[name]["state"] = "pending"
-            continue
-        config = load_config(f"{TRAIN_CONFIG}:dataset=synthetic,image_size=8,steps=4,batch_size=32")
-        config.model.name, config.log_every, config.checkpoint_every = overrides["model.name"], 1, 2
-        (workdir / name).mkdir()
-        (workdir / name / "config.json").write_text(json.dumps(train.json_config(config)))
-        if width == 4:
-            records[name]["state"] = "running"
-            train.train(config, workdir / name, stop_after=2)
-        else:
-            train.train(config, workdir / name)
+
+    def record(model, state):
+        name = sweep.trial_name({"model.name": model})
+        records[name] = dict(name=name, state=state, error=None, overrides={"model.name": model})
+
+    copy_run(workdir, real.name, "wrn10_4")
+    record("wrn10_4", "running")
+    train.train(config, real)  # to the end
+    for depth, width in GRID:
+        model = f"wrn{depth}_{width}"
+        if model != "wrn10_1":
+            copy_run(workdir, real.name, model, params=models.count_params(models.abstract(model)))
+        record(model, "done")
+    record("wrn16_4", "pending")
     sweep.write_index(workdir, records)
     return workdir
 
@@ -150,19 +174,28 @@ def test_data_efficiency_figure_draws_fitted_curves(tmp_path):
 
 
 def test_runs_write_tensorboard_events(synthetic_sweep):
-    """The scalars of metrics.jsonl, as TensorBoard event records (TFRecord framing)."""
+    """The scalars of metrics.jsonl, as TensorBoard event records (TFRecord framing), one file
+    per process (the run was stopped at its step-2 checkpoint and resumed: two files). Read as
+    TensorBoard does: a session START at step s hides the earlier files' events from step s."""
     import struct
 
     from tensorboardX.proto import event_pb2
 
-    (events_file,) = (synthetic_sweep / "name=wrn10_1").glob("events.out.tfevents.*")
-    data, scalars = events_file.read_bytes(), {}
-    while data:
-        (length,) = struct.unpack("<Q", data[:8])
-        event = event_pb2.Event.FromString(data[12 : 12 + length])
-        data = data[12 + length + 4 :]
-        for value in event.summary.value:
-            scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+    files = sorted((synthetic_sweep / "name=wrn10_1").glob("events.out.tfevents.*"))
+    assert len(files) == 2
+    scalars = {}
+    for events_file in files:
+        data = events_file.read_bytes()
+        while data:
+            (length,) = struct.unpack("<Q", data[:8])
+            event = event_pb2.Event.FromString(data[12 : 12 + length])
+            data = data[12 + length + 4 :]
+            if event.session_log.status == event_pb2.SessionLog.START:
+                for values in scalars.values():
+                    for step in [s for s in values if s >= event.step]:
+                        del values[step]
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, {})[event.step] = value.simple_value
     metrics = results.curves(synthetic_sweep / "name=wrn10_1")
     train_rows = metrics.dropna(subset=["loss"])
     assert scalars["loss"] == pytest.approx(
