@@ -165,39 +165,39 @@ def test_failing_trial_does_not_stop_the_others(tmp_path):
     assert "2 to run" in retry.stdout and "name=resnet9: failed" in retry.stdout
 
 
-@pytest.mark.parametrize("reading", ["memory", "stream", "device"])
-def test_two_processes_equal_one(tmp_path, digits_tree, reading):
-    """Two JAX processes (one CPU device each, gloo collectives) = one process, same batch;
-    also when the two decode their shares from disk, or gather batches on their devices."""
+def test_two_processes_equal_one(tmp_path, digits_tree):
+    """Two JAX processes (one CPU device each, gloo collectives) = one process, same batch:
+    reading the data into memory, decoding their shares from disk, or gathering batches on
+    their devices."""
     config = "configs/train.py:model=resnet8,image_size=16,steps=6,batch_size=64,lr=0.01"
     base = [sys.executable, "-m", "scaling.cli", "train", "--config", config,
-            "--config.log_every=1", "--config.checkpoint_every=3"]  # fmt: skip
-    if reading == "stream":
-        base.append(f"--config.dataset=folder:{digits_tree}")
-    flags = {"memory": [], "stream": ["--config.stream=True"],
-             "device": ["--config.data_on_device=True"]}[reading]  # fmt: skip
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [
-        subprocess.Popen([*base, *flags, "--workdir", str(tmp_path / "two"), "--coordinator",
-                          f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
-                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for i in range(2)
-    ]  # fmt: skip
-    outputs = [p.communicate(timeout=240)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outputs
+            f"--config.dataset=folder:{digits_tree}", "--config.log_every=1",
+            "--config.checkpoint_every=3"]  # fmt: skip
     one = subprocess.run([*base, "--workdir", str(tmp_path / "one")], cwd=ROOT,
                          capture_output=True, text=True, timeout=240)  # fmt: skip
     assert one.returncode == 0, one.stderr
-    two_summary = json.loads((tmp_path / "two" / "summary.json").read_text())
-    assert two_summary["devices"] == 2
-    losses = [[r["loss"] for r in read_metrics(d / "metrics.jsonl") if "loss" in r]
-              for d in (tmp_path / "one", tmp_path / "two")]  # fmt: skip
-    assert len(losses[1]) == 6  # one metrics writer: no line written twice
-    # Equal to float rounding at first, then compounding slowly (see the 8-device test).
-    np.testing.assert_allclose(losses[0][:3], losses[1][:3], rtol=1e-4)
-    np.testing.assert_allclose(losses[0], losses[1], rtol=2e-3)
+    expected = [r["loss"] for r in read_metrics(tmp_path / "one" / "metrics.jsonl") if "loss" in r]
+    for reading, flags in [("memory", []), ("stream", ["--config.stream=True"]),
+                           ("device", ["--config.data_on_device=True"])]:  # fmt: skip
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        workdir = tmp_path / reading
+        procs = [
+            subprocess.Popen([*base, *flags, "--workdir", str(workdir), "--coordinator",
+                              f"127.0.0.1:{port}", "--num-processes", "2", "--process-id",
+                              str(i)], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+            for i in range(2)
+        ]  # fmt: skip
+        outputs = [p.communicate(timeout=240)[0] for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], outputs
+        assert json.loads((workdir / "summary.json").read_text())["devices"] == 2
+        losses = [r["loss"] for r in read_metrics(workdir / "metrics.jsonl") if "loss" in r]
+        assert len(losses) == 6, reading  # one metrics writer: no line written twice
+        # Equal to float rounding at first, then compounding slowly (see the 8-device test).
+        np.testing.assert_allclose(expected[:3], losses[:3], rtol=1e-4, err_msg=reading)
+        np.testing.assert_allclose(expected, losses, rtol=2e-3, err_msg=reading)
 
 
 def _launch(accelerator, **kw):
