@@ -64,8 +64,10 @@ def count_params(layout="CCTT", depths=None, dims=None, **settings):
 
 def _params(make):
     from scaling.models import count_params as count
+    from scaling.models import unexplained_tracer_errors
 
-    return count(nnx.eval_shape(lambda: make(rngs=nnx.Rngs(0))))
+    with unexplained_tracer_errors():
+        return count(nnx.eval_shape(lambda: make(rngs=nnx.Rngs(0))))
 
 
 @functools.lru_cache(maxsize=4096)
