@@ -36,11 +36,12 @@ def info(args):
     if not isinstance(image_size, int) or image_size < 1:
         raise ScalingError(f"image size must be positive, got {image_size!r}")
     model = models.abstract(args.model, image_size=image_size, **settings)
-    macs, activations = flops.macs_and_activations(model, image_size)
+    channels = settings.get("in_channels", 3)
+    macs, activations = flops.macs_and_activations(model, image_size, channels)
     out = dict(
         model=args.model,
         params=models.count_params(model),
-        flops=flops.xla_flops(model, image_size),
+        flops=flops.xla_flops(model, image_size, channels),
         macs=macs,
         activations=activations,
         image_size=image_size,

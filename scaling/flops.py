@@ -28,9 +28,9 @@ def _forward(model, image_size, in_channels=3):
     return (lambda state, x: nnx.merge(graphdef, state)(x)), (state, x)
 
 
-def xla_flops(model, image_size):
+def xla_flops(model, image_size, in_channels=3):
     with ops.counting():
-        return int(cost_flops(*_forward(model, image_size)))
+        return int(cost_flops(*_forward(model, image_size, in_channels)))
 
 
 def cost_flops(fn, args) -> float:
@@ -68,7 +68,7 @@ def _count(jaxpr, multiplier=1):
     return macs * multiplier, acts * multiplier
 
 
-def macs_and_activations(model, image_size):
+def macs_and_activations(model, image_size, in_channels=3):
     with ops.counting():
-        fn, args = _forward(model, image_size)
+        fn, args = _forward(model, image_size, in_channels)
         return _count(jax.make_jaxpr(fn)(*args).jaxpr)

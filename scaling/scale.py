@@ -44,6 +44,17 @@ class Solution(NamedTuple):
     image_size: int  # and the image size to feed it
 
 
+def check_sizes(num_classes, rates=(), **multipliers):
+    """One line for a model setting out of range: `num_classes` and each multiplier (by name)
+    positive, and not NaN; each (name, rate) of `rates` in [0, 1)."""
+    if not (num_classes >= 1 and all(m > 0 for m in multipliers.values())):
+        names = ", ".join([*multipliers, "num_classes"])
+        raise ScalingError(f"{names} must be positive, got {[*multipliers.values(), num_classes]}")
+    for name, rate in rates:
+        if not 0 <= rate < 1:
+            raise ScalingError(f"{name} must be in [0, 1), got {rate}")
+
+
 def round_filters(filters: int, multiplier: float = 1.0, divisor: int = 8) -> int:
     """Channels scaled by `multiplier`, as the EfficientNet reference code rounds them."""
     if multiplier <= 0:

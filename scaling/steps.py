@@ -2,6 +2,13 @@
 
 The seed's key and the pixel statistics travel in the state, not in the program, so trials that
 differ only in seed or data subset share one compiled step.
+
+Auxiliary classifiers (GoogLeNet's, `aux_logits=True`): a model that has them returns
+`(logits, (aux_1, ..., aux_n))` in training mode (`model.train()`) and plain logits in evaluation
+mode (`model.eval()`); a model without them returns plain logits in both. `split_outputs` reads
+either form. The training step minimises the main loss plus `aux_loss_weight` (config; 0.3, the
+paper's, when unset) times each auxiliary head's loss; the logged loss and accuracy, evaluation,
+`scaling.flops` and `scaling bench`'s evaluation see the main classifier alone.
 """
 
 import jax
@@ -39,6 +46,28 @@ def cross_entropy(logits, labels, smoothing=0.0):
     return optax.softmax_cross_entropy(logits, targets)
 
 
+# Szegedy et al. 2015, section 5: "the losses of the auxiliary classifiers were weighted by 0.3".
+AUX_LOSS_WEIGHT = 0.3
+
+
+def split_outputs(outputs):
+    """(logits, auxiliary logits) of a model's output: `(logits, (aux, ...))` in training mode
+    from a model with auxiliary classifiers, plain logits otherwise (no auxiliary logits)."""
+    if isinstance(outputs, tuple):
+        logits, aux = outputs
+        return logits, tuple(aux)
+    return outputs, ()
+
+
+def training_loss(outputs, labels, smoothing=0.0, aux_weight=AUX_LOSS_WEIGHT):
+    """(the loss minimised, the main classifier's loss, its logits) of a batch's outputs: the
+    main loss plus `aux_weight` times each auxiliary classifier's (label smoothing on all)."""
+    logits, aux = split_outputs(outputs)
+    loss = cross_entropy(logits, labels, smoothing).mean()
+    total = loss + sum(aux_weight * cross_entropy(a, labels, smoothing).mean() for a in aux)
+    return total, loss, logits
+
+
 def normalize(images, state):
     run = state["run"]
     return (images.astype(jnp.float32) - run["pixel_mean"]) / run["pixel_std"]
@@ -49,6 +78,9 @@ def make_steps(config, train_def, eval_def, tx):
     and the pixel statistics travel in the state, not in the program, so trials that differ
     only in seed or data subset share one compiled step (JAX's compilation cache)."""
 
+    # Runs recorded before the setting existed had no auxiliary heads to weigh.
+    aux_weight = config.get("aux_loss_weight", AUX_LOSS_WEIGHT)
+
     def train_step(state, images, labels):
         key = jax.random.fold_in(state["run"]["key"], state["step"])
         images = normalize(augment(images, key, config.augment), state)
@@ -56,12 +88,13 @@ def make_steps(config, train_def, eval_def, tx):
         def loss_fn(params):
             # copy: the statistics are updated inside this trace, so they must be born in it
             model = nnx.merge(train_def, params, state["model_state"], copy=True)
-            logits = model(images)
-            loss = cross_entropy(logits, labels, config.label_smoothing).mean()
-            return loss, (logits, nnx.state(model, nnx.Not(nnx.Param)))
+            total, loss, logits = training_loss(
+                model(images), labels, config.label_smoothing, aux_weight
+            )
+            return total, (loss, logits, nnx.state(model, nnx.Not(nnx.Param)))
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (loss, (logits, model_state)), grads = grad_fn(state["params"])
+        (_, (loss, logits, model_state)), grads = grad_fn(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         new_state = dict(
             step=state["step"] + 1,
@@ -82,7 +115,7 @@ def make_steps(config, train_def, eval_def, tx):
 
     def eval_step(state, images, labels, mask):
         model = nnx.merge(eval_def, state["params"], state["model_state"])
-        logits = model(normalize(images, state))
+        logits, _ = split_outputs(model(normalize(images, state)))  # logits alone in eval mode
         loss = cross_entropy(logits, labels) * mask
         correct = (jnp.argmax(logits, -1) == labels) * mask
         return {"loss": loss.sum(), "correct": correct.sum(), "count": mask.sum()}

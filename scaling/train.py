@@ -174,6 +174,10 @@ def check(config) -> dict:
         )
     make_optimizer(config, total_steps=1)  # an unknown optimizer, schedule or setting
     model_settings = settings_of(config)
+    if model_settings.get("in_channels", 3) != 3:  # every data source gives RGB images
+        raise ScalingError(
+            f"in_channels must be 3 (the images are RGB), got {config.model.in_channels!r}"
+        )
     models.abstract(config.model.name, **model_settings)  # a bad name or setting
     if config.get("init_from"):
         pretrained.check(config.init_from, config.model.name, model_settings)

@@ -216,6 +216,19 @@ def timm_model(name: str) -> torch.nn.Module:
     return timm.create_model(name, pretrained=False, drop_rate=0.0, drop_path_rate=0.0)
 
 
+def narrow_classifier(model: torch.nn.Module, hidden: int) -> torch.nn.Module:
+    """torchvision's AlexNet or VGG with its two hidden dense layers `hidden` units wide instead
+    of 4096: the same code and layers (our `hidden` setting), a tenth of the weights to draw."""
+    linears = [i for i, m in enumerate(model.classifier) if isinstance(m, torch.nn.Linear)]
+    for k, i in enumerate(linears):
+        old = model.classifier[i]
+        fan_in = old.in_features if k == 0 else hidden
+        model.classifier[i] = torch.nn.Linear(fan_in, hidden if k < 2 else old.out_features)
+    return model
+
+
+# Settings of our model that a fixture's reference needs (default: none).
+SETTINGS = {"alexnet": {"hidden": 128}, "vgg11_bn": {"hidden": 128}}
 TV, TIMM = f"torchvision {torchvision.__version__}", f"timm {timm.__version__}"
 # fixture: our model, source, image size, reference network, its description
 SPECS = {
@@ -286,6 +299,67 @@ SPECS = {
         lambda: timm_model("coatnet_0_224"),
         f'timm.create_model("coatnet_0_224"), {TIMM}',
     ),
+    "resnext50_32x4d": (
+        "resnext50_32x4d",
+        "torchvision",
+        64,
+        lambda: torchvision.models.resnext50_32x4d(weights=None),
+        f"torchvision.models.resnext50_32x4d(weights=None), {TV}",
+    ),
+    "wide_resnet50_2": (
+        "wide_resnet50_2",
+        "torchvision",
+        64,
+        lambda: torchvision.models.wide_resnet50_2(weights=None),
+        f"torchvision.models.wide_resnet50_2(weights=None), {TV}",
+    ),
+    "seresnet50": (
+        "seresnet50",
+        "timm",
+        64,
+        lambda: timm_model("seresnet50"),
+        f'timm.create_model("seresnet50"), {TIMM}',
+    ),
+    # 160 pixels leave AlexNet's last pool 4x4, which the adaptive pool spreads over 6x6 with
+    # overlapping windows: the pool and the order of fc6's inputs are both tested. The hidden
+    # dense layers are 128 wide (SETTINGS), not 4096: 4M weights to draw in each test, not 61M.
+    "alexnet": (
+        "alexnet",
+        "torchvision",
+        160,
+        lambda: narrow_classifier(torchvision.models.alexnet(weights=None), 128),
+        "torchvision.models.alexnet(weights=None), its fc6 and fc7 128 units wide (classifier[1] "
+        f"and [4] replaced by Linear(9216, 128), Linear(128, 128)), {TV}",
+    ),
+    # 64 pixels leave VGG's last pool 2x2, spread over 7x7 (windows overlap in the middle).
+    # Hidden layers 128 wide, as AlexNet's: 12M weights, not 133M.
+    "vgg11_bn": (
+        "vgg11_bn",
+        "torchvision",
+        64,
+        lambda: narrow_classifier(torchvision.models.vgg11_bn(weights=None), 128),
+        "torchvision.models.vgg11_bn(weights=None), its two hidden dense layers 128 units wide "
+        f"(classifier[0] and [3] replaced by Linear(25088, 128), Linear(128, 128)), {TV}",
+    ),
+    # 64 pixels: each ceil-mode pool rounds up (32 -> 16, 16 -> 8, 8 -> 4; floor would give
+    # 15, 7, 3). The auxiliary heads run in training mode only: not in this eval-mode fixture.
+    "googlenet": (
+        "googlenet",
+        "torchvision",
+        64,
+        lambda: torchvision.models.googlenet(
+            weights=None, aux_logits=False, transform_input=False, init_weights=False
+        ),
+        "torchvision.models.googlenet(weights=None, aux_logits=False, transform_input=False, "
+        f"init_weights=False), {TV}",
+    ),
+    "densenet121": (
+        "densenet121",
+        "torchvision",
+        64,
+        lambda: torchvision.models.densenet121(weights=None),
+        f"torchvision.models.densenet121(weights=None), {TV}",
+    ),
 }
 
 
@@ -324,7 +398,7 @@ def make(fixture: str, check: bool = False) -> dict:
         print("  least sensitive:", ", ".join(f"{n} {c:.1e}" for c, n in sorted(changes)[:4]))
     return dict(
         model=ours,
-        settings={},
+        settings=SETTINGS.get(fixture, {}),
         source=source,
         reference=description,
         seed=SEED,

@@ -29,7 +29,7 @@ def test_info_defaults_to_the_model_resolution_and_takes_settings():
     "args,message",
     [
         (["info", "resnet19"], "6n+2"),
-        (["info", "alexnet"], "valid names: resnet"),
+        (["info", "lenet6"], "valid names: resnet"),
         (["info", "wrn22_0"], "k must be >= 1"),
         (["info", "resnet20", "--set", "width_multiplier=0"], "positive"),
         (["info", "resnet20", "--image-size", "0"], "image size must be positive"),

@@ -333,7 +333,7 @@ def test_depthwise_gradient_is_computed_sharded():
         ("efficientnet", {"dropout": 1.0}, "dropout must be in [0, 1)"),
         ("efficientnet", {"depthwise": "fft"}, "valid: shift, conv"),
         ("efficientnet", {"colour": "red"}, "has no setting 'colour'"),
-        ("vgg16", {}, "efficientnet_b{0-7}"),
+        ("inception_v3", {}, "efficientnet_b{0-7}"),
     ],
 )
 def test_bad_names_and_settings_are_clear_errors(name, settings, message):

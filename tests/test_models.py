@@ -101,14 +101,18 @@ def test_flops_grow_with_resolution_squared():
     "name,settings,message",
     [
         ("resnet99", {}, "6n+2"),
-        ("vgg16", {}, "valid names"),
+        ("inception_v3", {}, "valid names"),
         ("wrn27_10", {}, "6n+4"),
         ("wrn28_0", {}, "k must be >= 1"),
         ("resnet21", {}, "6n+2"),
         ("resnet20", {"width_multiplier": 0}, "positive"),
         ("resnet20", {"norm": "instance"}, "valid: batch, group, layer"),
         ("resnet20", {"shortcut": "C"}, "valid: A"),
-        ("resnet20", {"colour": "red"}, "resnet20 has no setting 'colour'; its settings: block"),
+        (
+            "resnet20",
+            {"colour": "red"},
+            "resnet20 has no setting 'colour'; its settings: base_width, block",
+        ),
     ],
 )
 def test_bad_names_and_settings_are_clear_errors(name, settings, message):
@@ -119,7 +123,8 @@ def test_bad_names_and_settings_are_clear_errors(name, settings, message):
 def test_registry_lists_and_describes_every_family():
     assert models.list_models("wrn*") == ["wrn16_4", "wrn16_8", "wrn22_8", "wrn28_10", "wrn40_4"]
     assert {models.family_of(n).name for n in models.list_models()} == {
-        "resnet", "wrn", "efficientnet", "vit", "coatnet",
+        "resnet", "wrn", "efficientnet", "vit", "coatnet", "lenet", "alexnet", "vgg",
+        "googlenet", "resnext", "wide_resnet", "senet", "densenet",
     }  # fmt: skip
     assert [models.default_image_size(n) for n in ("resnet20", "resnet50", "vit_s4")] == [
         32,

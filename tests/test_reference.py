@@ -43,7 +43,9 @@ def logits(fixture, **settings):
 
 def test_every_family_has_a_fixture():
     expected = {"resnet18", "resnet50", "preact_resnet50", "wrn16_2", "efficientnet_b0",
-                "vit_ti16", "vit_ti16_big_vision", "coatnet_0"}  # fmt: skip
+                "vit_ti16", "vit_ti16_big_vision", "coatnet_0",
+                "resnext50_32x4d", "wide_resnet50_2", "seresnet50",
+                "googlenet", "densenet121", "alexnet", "vgg11_bn"}  # fmt: skip
     assert expected <= set(FIXTURES)
 
 

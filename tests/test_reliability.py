@@ -186,7 +186,9 @@ def test_missing_or_empty_dataset_folder(tmp_path):
 
 
 names = st.one_of(
-    st.sampled_from(["resnet", "wrn", "preact_resnet", "vgg", ""]).flatmap(
+    st.sampled_from(
+        ["resnet", "wrn", "preact_resnet", "vgg", "densenet", "resnext", "seresnet", ""]
+    ).flatmap(
         lambda p: st.builds(
             lambda a, b: f"{p}{a}{b}",
             st.integers(-3, 60),

@@ -1,9 +1,12 @@
 """Weights from reference implementations, imported into this library's models (and exported back).
 
 Sources (`SOURCES`) and the families each one fills:
-- `torchvision`: `resnet{18,34,50,101,152}` from torchvision's `resnet18()` ... state dicts;
+- `torchvision`: `resnet{18,34,50,101,152}`, `resnext*`, `wide_resnet*`, `alexnet`, `vgg*`,
+  `googlenet` (with or without its auxiliary heads) and `densenet*` from the state dicts of
+  torchvision's constructors of those names;
 - `timm`: `preact_resnet*` from `resnetv2_*`, `efficientnet_b*` from `tf_efficientnet_b*`,
-  `vit_*` from `vit_*_patch*_*`, `coatnet_*` from `coatnet_*_224`;
+  `vit_*` from `vit_*_patch*_*`, `coatnet_*` from `coatnet_*_224`, `seresnet*`/`seresnext*`
+  from timm's networks of those names;
 - `wrn`: `wrn{d}_{k}` from the official Wide ResNet PyTorch code's flat parameter dict;
 - `big_vision`: `vit_*` from the `.npz` checkpoints of Google's ViT code (the original
   `vision_transformer` names, `Transformer/posembed_input/...`, as timm's `_load_weights` reads

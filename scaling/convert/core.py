@@ -4,6 +4,7 @@ every (family, source) pair, through the tables of the source's module."""
 import math
 import re
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -28,6 +29,13 @@ FAMILIES = {
     "efficientnet": r"efficientnet(_b\d+)?(_cifar)?",
     "vit": r"vit_[a-z]+\d+",
     "coatnet": r"coatnet(_\d+)?",
+    "resnext": r"resnext\d+_\d+x\d+d",  # torchvision's ImageNet forms
+    "wide_resnet": r"wide_resnet\d+_\d+",  # torchvision's
+    "seresnet": r"se(resnet\d+|resnext\d+_\d+x\d+d)",  # timm's
+    "alexnet": r"alexnet",  # torchvision's; alexnet_original and zfnet have no public source
+    "vgg": r"vgg\d+(_bn)?",  # the _cifar forms have no public source
+    "googlenet": r"googlenet",
+    "densenet": r"densenet\d+",  # torchvision's; densenet_bc (CIFAR) has no public source
 }
 # The supported (family, source) pairs: their tables, and the reference's classifier (its name
 # and the axis of its classes), which sets `num_classes` on import.
@@ -203,10 +211,32 @@ def import_model(name, tensors, *, source=None, image_size=None, **settings) -> 
         own_size = _vit_settings(name, source, tensors, settings)
     elif family == "coatnet":
         own_size = _coatnet_settings(tensors, settings)
+    elif family == "googlenet":  # torchvision's ImageNet checkpoint holds the auxiliary heads
+        settings.setdefault("aux_logits", "aux1.fc2.weight" in tensors)
     # Without a resolution of its own (a CoAtNet without attention) it is built at `image_size`.
-    model = models.create(name, image_size=own_size or image_size, **settings)
+    # Built shape-only, since every weight is replaced: initialising eagerly compiles a program
+    # for each distinct shape (googlenet: most of a minute on 2 cores).
+    model = models.abstract(name, image_size=own_size or image_size, **settings)
     load(model, name, tensors, source)
+    start_random_streams(model)
     return model if image_size is None else models.resize(model, image_size)
+
+
+def start_random_streams(model, seed: int = 0) -> None:
+    """The random streams (dropout's) of a model built shape-only: keys split from `seed`'s (a
+    scanned stack holds one a block), counts at zero. Every other variable must hold a value."""
+    flat = []
+    for path, var in nnx.to_flat_state(nnx.state(model)):
+        shape = var.get_value().shape
+        if isinstance(var, nnx.RngKey):
+            keys = jax.random.split(jax.random.key(seed), math.prod(shape))
+            var = var.replace(keys.reshape(shape))
+        elif isinstance(var, nnx.RngCount):
+            var = var.replace(jnp.zeros(shape, jnp.uint32))
+        elif isinstance(var.get_value(), jax.ShapeDtypeStruct):
+            raise ValueError(f"{'/'.join(map(str, path))} holds no value")
+        flat.append((path, var))
+    nnx.update(model, nnx.from_flat_state(flat))
 
 
 def _vit_settings(name, source, tensors, settings) -> int:

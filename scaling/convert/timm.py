@@ -1,9 +1,11 @@
 """timm's names: `preact_resnet*` from `resnetv2_*`, `efficientnet_b*` from
-`tf_efficientnet_b*`, `vit_*` from `vit_*_patch*_*`, `coatnet_*` from `coatnet_*_224`."""
+`tf_efficientnet_b*`, `vit_*` from `vit_*_patch*_*`, `coatnet_*` from `coatnet_*_224`,
+`seresnet*` and `seresnext*` from timm's own (torchvision's names, and `se.fc1`/`se.fc2`)."""
 
 import numpy as np
 
 from scaling import ScalingError
+from scaling.convert import torchvision
 from scaling.convert.tables import (
     Transform,
     conv_numbers,
@@ -17,7 +19,8 @@ STEMS = ("stem.conv.weight", "stem.conv1.weight", "patch_embed.proj.weight", "co
 
 
 def looks_like(names) -> bool:
-    return any(stem in names for stem in STEMS)
+    se_resnet = any(name.endswith(".se.fc1.weight") for name in names) and "conv1.weight" in names
+    return se_resnet or any(stem in names for stem in STEMS)
 
 
 def _qkv_per_head(heads: int, kernel: bool) -> Transform:
@@ -197,4 +200,6 @@ TABLES = {
     "efficientnet": (efficientnet_table, ("classifier.weight", 0)),
     "vit": (vit_table, ("head.weight", 0)),
     "coatnet": (coatnet_table, ("head.fc.weight", 0)),
+    # timm's ResNet keeps torchvision's names; its SE layers are two 1x1 convs with bias.
+    "seresnet": (torchvision.resnet_table, ("fc.weight", 0)),
 }

@@ -3,8 +3,11 @@
 Convolutions (`conv_layer`, `bias_free_conv`, padded by `conv_padding`'s rules), the depthwise
 convolution (`DepthwiseConv`), squeeze-and-excitation (`SqueezeExcite`), multi-head self-attention
 (`SelfAttention`), relative position biases for it (`relative_bias`) and the transformer MLP
-(`Mlp`). Which kernels run them on which backend is `scaling.ops`'s business; each family's own
-blocks live in its module.
+(`Mlp`), torch's adaptive average pool (`adaptive_avg_pool`), AlexNet's local response
+normalisation (`local_response_norm`) and torch's max pool with its ceil mode (`max_pool`).
+Stochastic depth (`DropPath`, with its per-block `DropRate` and `linear_drop_rates`) serves the
+residual families and ViT. Which kernels run them on which backend is `scaling.ops`'s business;
+each family's own blocks live in its module.
 """
 
 import jax
@@ -42,15 +45,17 @@ def conv_padding(kernel, padding):
     raise ScalingError(f"unknown padding {padding!r}; valid: {', '.join(PADDINGS)}")
 
 
-def conv_layer(cin, cout, kernel, strides=1, *, bias, padding, convolution, dtype, rngs):
+def conv_layer(cin, cout, kernel, strides=1, *, bias, padding, convolution, dtype, rngs, groups=1):
     """A He-initialised conv, padded by `padding`'s rule ('valid': not at all), computed by
-    `convolution` (one of `scaling.ops.conv`'s)."""
+    `convolution` (one of `scaling.ops.conv`'s); `groups` > 1: a grouped convolution (ResNeXt's),
+    its kernel (k, k, cin / groups, cout)."""
     return nnx.Conv(
         cin,
         cout,
         kernel,
         strides=strides,
         padding="VALID" if padding == "valid" else conv_padding(kernel, padding),
+        feature_group_count=groups,
         use_bias=bias,
         kernel_init=conv_init,
         dtype=dtype,
@@ -59,7 +64,7 @@ def conv_layer(cin, cout, kernel, strides=1, *, bias, padding, convolution, dtyp
     )
 
 
-def bias_free_conv(cin, cout, kernel, strides=1, *, padding, convolution, dtype, rngs):
+def bias_free_conv(cin, cout, kernel, strides=1, *, padding, convolution, dtype, rngs, groups=1):
     """A conv without bias (a norm follows it), He-initialised, padded by `padding`'s rule."""
     conv_padding(kernel, padding)  # validates it: one of PADDINGS
     return conv_layer(
@@ -72,7 +77,60 @@ def bias_free_conv(cin, cout, kernel, strides=1, *, padding, convolution, dtype,
         convolution=convolution,
         dtype=dtype,
         rngs=rngs,
+        groups=groups,
     )
+
+
+def adaptive_avg_pool(x, size):
+    """torch's `AdaptiveAvgPool2d(size)` on NHWC maps: output cell i of a side of n pixels
+    averages pixels floor(i n / size) to ceil((i + 1) n / size) - 1, so windows overlap where
+    size does not divide n and a smaller map is repeated (1x1 -> 7x7: 49 copies). It lets the
+    torchvision AlexNet and VGG take any resolution with a fixed classifier; a side already of
+    `size` is left as it is. Row averages, then column averages: the same rectangle means."""
+
+    def pool(x, axis):
+        n = x.shape[axis]
+        if n == size:
+            return x
+        cells = []
+        for i in range(size):
+            lo, hi = i * n // size, -(-(i + 1) * n // size)
+            cells.append(jnp.mean(jax.lax.slice_in_dim(x, lo, hi, axis=axis), axis, keepdims=True))
+        return jnp.concatenate(cells, axis)
+
+    return pool(pool(x, 1), 2)
+
+
+def local_response_norm(x, size=5, alpha=1e-4, beta=0.75, k=2.0):
+    """Local response normalisation across channels (Krizhevsky et al. 2012, section 3.3):
+    a_i / (k + alpha * sum_j a_j^2)^beta, j over the `size` channels centred on i (fewer at the
+    ends). The paper's alpha multiplies the sum; torch's and Caffe's LocalResponseNorm multiply
+    the mean (alpha / size), so torch's `LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2)` is this
+    with the paper's alpha=1e-4. Computed in float32 (the squares of bfloat16 activations)."""
+    x32 = x.astype(jnp.float32)
+    half, channels = size // 2, x.shape[-1]
+    squares = jnp.pad(jnp.square(x32), ((0, 0), (0, 0), (0, 0), (half, size - 1 - half)))
+    total = sum(squares[..., j : j + channels] for j in range(size))
+    return (x32 / (k + alpha * total) ** beta).astype(x.dtype)
+
+
+def max_pool(x, window, stride, padding=0, *, ceil_mode=False):
+    """torch's `MaxPool2d(window, stride, padding, ceil_mode)` on NHWC maps: `padding` pixels of
+    -inf on every side; with `ceil_mode` the output side is rounded up, so a last window may
+    overhang the far edge (GoogLeNet's pools: 112 -> 56, not 55), though never start beyond the
+    input and its near padding."""
+    pads = []
+    for n in x.shape[1:3]:
+        span = n + 2 * padding - window
+        out = (-(-span // stride) if ceil_mode else span // stride) + 1
+        if ceil_mode and (out - 1) * stride >= n + padding:
+            out -= 1
+        # the far side's padding that makes exactly `out` windows (negative: rows none reaches)
+        pads.append((padding, (out - 1) * stride + window - n - padding))
+    if min(hi for _, hi in pads) < 0:
+        x = x[:, : x.shape[1] + min(0, pads[0][1]), : x.shape[2] + min(0, pads[1][1])]
+        pads = [(lo, max(0, hi)) for lo, hi in pads]
+    return nnx.max_pool(x, (window, window), strides=(stride, stride), padding=pads)
 
 
 class DepthwiseConv(nnx.Module):
@@ -97,15 +155,59 @@ class DepthwiseConv(nnx.Module):
 
 
 class SqueezeExcite(nnx.Module):
-    """Global average pool, dense reduce, SiLU, dense expand, sigmoid gate on the channels."""
+    """Global average pool, dense reduce, `activation` (SiLU: EfficientNet's and CoAtNet's; ReLU:
+    SENet's), dense expand, sigmoid gate on the channels."""
 
-    def __init__(self, channels, reduced, *, dtype, rngs):
+    def __init__(self, channels, reduced, *, activation=jax.nn.silu, dtype, rngs):
         self.reduce = nnx.Linear(channels, reduced, dtype=dtype, rngs=rngs)
         self.expand = nnx.Linear(reduced, channels, dtype=dtype, rngs=rngs)
+        self.activation = activation
 
     def __call__(self, x):
         s = jnp.mean(x, axis=(1, 2), keepdims=True)
-        return x * jax.nn.sigmoid(self.expand(jax.nn.silu(self.reduce(s))))
+        return x * jax.nn.sigmoid(self.expand(self.activation(self.reduce(s))))
+
+
+def linear_drop_rates(final, blocks):
+    """Stochastic depth's linear schedule: block i of `blocks` (from 0) drops its residual branch
+    at rate final * i / (blocks - 1), from 0 at the first block to `final` at the last (Huang et
+    al. 2016's survival 1 - rate falling linearly; timm's "linear decay rule")."""
+    return [final * i / max(blocks - 1, 1) for i in range(blocks)]
+
+
+class DropRate(nnx.Variable):
+    """A residual block's stochastic-depth rate: state, neither a parameter nor trained. Blocks
+    stacked into a scanned `Stack` (or created by `nnx.vmap`) then carry one rate each on the
+    leading axis, a scan input, so blocks of different rates still compile as one block."""
+
+
+class DropPath(nnx.Module):
+    """Stochastic depth (Huang et al. 2016) on a residual branch, per example: in training the
+    branch is zeroed with probability `rate` and otherwise divided by the survival 1 - rate (timm's
+    `drop_path`); at evaluation it is the identity. The paper instead keeps every branch in
+    training unscaled and multiplies it by the survival at test time: the same network in
+    expectation, with the scaling moved to training so evaluation needs no rates.
+
+    `rate` is a number or, under `nnx.vmap`, one block's traced scalar; None: never drops (the
+    layer keeps only its random stream, as a ViT without stochastic depth always had).
+    """
+
+    def __init__(self, rate, *, rngs):
+        self.rate = nnx.data(None if rate is None else DropRate(jnp.asarray(rate, jnp.float32)))
+        self.rngs = rngs["dropout"].fork()
+        self.deterministic = False
+
+    def __call__(self, x):
+        if self.deterministic or self.rate is None:
+            return x
+        keep = 1.0 - self.rate[...]
+        mask = jax.random.bernoulli(self.rngs(), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+        return jnp.where(mask, x / keep.astype(x.dtype), jnp.zeros_like(x))
+
+    def set_view(self, deterministic=None):
+        """For `nnx.view`: deterministic=True is evaluation (no drops)."""
+        if deterministic is not None:
+            self.deterministic = deterministic
 
 
 class SelfAttention(nnx.Module):

@@ -1,4 +1,4 @@
-"""ResNet and Wide ResNet: one residual network, three size tables.
+"""ResNet and Wide ResNet: one residual network, three size tables; ResNeXt, SE, stochastic depth.
 
 - CIFAR ResNets (He et al. 2015, section 4.2): `resnet{6n+2}`, three stages of 16/32/64 channels,
   basic blocks, parameter-free zero-padding shortcuts (option A) unless `shortcut='B'`.
@@ -8,18 +8,32 @@
 - Wide ResNets WRN-d-k (Zagoruyko & Komodakis 2016): `wrn{d}_{k}`, d = 6n+4, pre-activation basic
   blocks, 16k/32k/64k channels, optional dropout between the two convs (`block_dropout`).
 
+Three settings of every block, each a family of names of its own (`resnext.py`, `senet.py`):
+
+- `groups` and `base_width` (ResNeXt, Xie et al. 2017): a bottleneck's inner width is
+  groups * floor(planes * base_width / 64), its 3x3 conv split into `groups` groups (the
+  cardinality), as in torchvision and the authors' Torch code; groups=1, base_width=64 is ResNet.
+  base_width=128 alone is torchvision's `wide_resnet50_2` (the inner width doubled).
+- `se_ratio` (SENet, Hu et al. 2018): squeeze-and-excitation on the residual branch before the
+  sum, reduced to channels * se_ratio rounded as timm does; 0 is none.
+- `stochastic_depth` (Huang et al. 2016): the last block's drop rate, falling linearly to 0 at
+  the first block (`layers.DropPath`, `layers.linear_drop_rates`).
+
 All are one `ResNet` module, so every option (width multiplier, norm, dropout, shortcut kind,
-stage sizes, padding) applies to every name; the tables below only pick the defaults. Convolutions
-pad symmetrically (`padding='symmetric'`), as torchvision, timm and the authors' code do;
-`padding='same'` is TensorFlow's. With the defaults, `resnet18/50` compute torchvision's
-functions, `preact_resnet*` timm's `resnetv2_*` and `wrn*` the official WRN code's
-(tests/test_reference.py).
+stage sizes, padding, cardinality, SE, stochastic depth) applies to every name; the tables below
+only pick the defaults. Convolutions pad symmetrically (`padding='symmetric'`), as torchvision,
+timm and the authors' code do; `padding='same'` is TensorFlow's. With the defaults, `resnet18/50`
+compute torchvision's functions, `preact_resnet*` timm's `resnetv2_*` and `wrn*` the official WRN
+code's (tests/test_reference.py); `resnext50_32x4d` and `wide_resnet50_2` torchvision's,
+`seresnet50` timm's.
 
 Within a stage every block after the first has the same shapes: with `scan=True` (the default) those
 blocks are a `Stack`, their parameters stacked on a leading axis and applied by `nnx.scan`, so XLA
 compiles one block per stage on CPU (resnet110's training step: 13 s -> 3 s to compile; accelerators
 unroll the loop: `stack.scan_blocks`). The weights are those of the unrolled network (`scan=False`;
-`unrolled(model)` converts). Stages with dropout in their blocks stay unrolled.
+`unrolled(model)` converts). Stages with dropout in their blocks stay unrolled. Stochastic depth
+gives each block its own rate, but as state (`layers.DropRate`), stacked like the weights: a
+scan input, so a stage of different rates still compiles one block.
 """
 
 import functools
@@ -30,11 +44,17 @@ import jax.numpy as jnp
 from flax import nnx
 
 from scaling import ScalingError
-from scaling.models.layers import bias_free_conv, conv_padding
+from scaling.models.layers import (
+    DropPath,
+    SqueezeExcite,
+    bias_free_conv,
+    conv_padding,
+    linear_drop_rates,
+)
 from scaling.models.registry import Family, register
 from scaling.models.stack import Stack, unstack
 from scaling.ops.conv import conv_general_dilated
-from scaling.scale import round_filters, round_repeats
+from scaling.scale import check_sizes, round_filters, round_repeats
 
 # name -> (block, blocks per stage); channels (64, 128, 256, 512), expanded x4 by bottlenecks.
 IMAGENET_SIZES = {
@@ -74,15 +94,48 @@ class Layers:
             dtype=dtype,
             rngs=rngs,
         )
-        self.rngs = rngs
+        self.dtype, self.rngs = dtype, rngs
 
 
-class BasicBlock(nnx.Module):
+def se_channels(channels, ratio):
+    """SENet's reduced width, channels * ratio rounded as timm's SEModule does
+    (`make_divisible(..., 8, round_limit=0)`): to the nearest multiple of 8, at least 8, never
+    bumped up as `scale.round_filters` bumps a channel count more than 10% short. A rounding of
+    the SE layer's width, not a width multiplier."""
+    return max(8, int(channels * ratio + 4) // 8 * 8)
+
+
+class ResidualBlock(nnx.Module):
+    """What every block's residual branch ends with: squeeze-and-excitation (`se_ratio` > 0),
+    then stochastic depth (`drop_rate` not None), as timm's ResNet blocks, before the sum."""
+
+    def finish_branch_layers(self, cout, se_ratio, drop_rate, layers):
+        se = None
+        if se_ratio > 0:  # SENet's: ReLU between the two 1x1 (dense) layers, a sigmoid gate
+            se = SqueezeExcite(
+                cout,
+                se_channels(cout, se_ratio),
+                activation=nnx.relu,
+                dtype=layers.dtype,
+                rngs=layers.rngs,
+            )
+        self.se = nnx.data(se)
+        self.drop_path = nnx.data(
+            None if drop_rate is None else DropPath(drop_rate, rngs=layers.rngs)
+        )
+
+    def finish_branch(self, y):
+        if self.se is not None:
+            y = self.se(y)
+        return y if self.drop_path is None else self.drop_path(y)
+
+
+class BasicBlock(ResidualBlock):
     """Two 3x3 convs; post-activation (ResNet) or pre-activation (preact ResNet, WRN)."""
 
     expansion = 1
 
-    def __init__(self, cin, width, stride, *, preact, shortcut, dropout, layers):
+    def __init__(self, cin, width, stride, *, preact, shortcut, dropout, layers, **branch):
         cout = width
         self.preact = preact
         self.conv1 = layers.conv(cin, cout, (3, 3), strides=stride)
@@ -91,34 +144,42 @@ class BasicBlock(nnx.Module):
         self.norm2 = layers.norm(cout)
         self.dropout = nnx.Dropout(dropout, rngs=layers.rngs)
         self.shortcut = Shortcut(cin, cout, stride, shortcut, preact, layers)
+        self.finish_branch_layers(cout, branch["se_ratio"], branch["drop_rate"], layers)
 
     def __call__(self, x):
         if self.preact:
             pre = nnx.relu(self.norm1(x))
             y = self.conv1(pre)
             y = self.conv2(self.dropout(nnx.relu(self.norm2(y))))
-            return y + self.shortcut(x, pre)
+            return self.finish_branch(y) + self.shortcut(x, pre)
         y = nnx.relu(self.norm1(self.conv1(x)))
         y = self.norm2(self.conv2(self.dropout(y)))
-        return nnx.relu(y + self.shortcut(x))
+        return nnx.relu(self.finish_branch(y) + self.shortcut(x))
 
 
-class BottleneckBlock(nnx.Module):
-    """1x1 reduce, 3x3 (strided, as in ResNet v1.5), 1x1 expand by 4."""
+class BottleneckBlock(ResidualBlock):
+    """1x1 reduce, 3x3 (strided, as in ResNet v1.5; grouped in ResNeXt), 1x1 expand to 4 x
+    `width` (the stage's planes)."""
 
     expansion = 4
 
-    def __init__(self, cin, width, stride, *, preact, shortcut, dropout, layers):
+    def __init__(
+        self, cin, width, stride, *, preact, shortcut, dropout, layers, groups, base_width, **branch
+    ):
         cout = width * self.expansion
+        # torchvision's and the ResNeXt code's inner width: `groups` paths of
+        # floor(planes * base_width / 64) channels each (at least one, for narrow multipliers).
+        inner = groups * max(1, width * base_width // 64)
         self.preact = preact
-        self.conv1 = layers.conv(cin, width, (1, 1))
-        self.conv2 = layers.conv(width, width, (3, 3), strides=stride)
-        self.conv3 = layers.conv(width, cout, (1, 1))
-        self.norm1 = layers.norm(cin if preact else width)
-        self.norm2 = layers.norm(width)
-        self.norm3 = layers.norm(width if preact else cout)
+        self.conv1 = layers.conv(cin, inner, (1, 1))
+        self.conv2 = layers.conv(inner, inner, (3, 3), strides=stride, groups=groups)
+        self.conv3 = layers.conv(inner, cout, (1, 1))
+        self.norm1 = layers.norm(cin if preact else inner)
+        self.norm2 = layers.norm(inner)
+        self.norm3 = layers.norm(inner if preact else cout)
         self.dropout = nnx.Dropout(dropout, rngs=layers.rngs)
         self.shortcut = Shortcut(cin, cout, stride, shortcut, preact, layers)
+        self.finish_branch_layers(cout, branch["se_ratio"], branch["drop_rate"], layers)
 
     def __call__(self, x):
         if self.preact:
@@ -126,11 +187,11 @@ class BottleneckBlock(nnx.Module):
             y = self.conv1(pre)
             y = self.conv2(nnx.relu(self.norm2(y)))
             y = self.conv3(self.dropout(nnx.relu(self.norm3(y))))
-            return y + self.shortcut(x, pre)
+            return self.finish_branch(y) + self.shortcut(x, pre)
         y = nnx.relu(self.norm1(self.conv1(x)))
         y = nnx.relu(self.norm2(self.conv2(y)))
         y = self.norm3(self.conv3(self.dropout(y)))
-        return nnx.relu(y + self.shortcut(x))
+        return nnx.relu(self.finish_branch(y) + self.shortcut(x))
 
 
 class Shortcut(nnx.Module):
@@ -182,6 +243,10 @@ class ResNet(nnx.Module):
         depth_multiplier=1.0,
         dropout=0.0,
         block_dropout=0.0,
+        groups=1,
+        base_width=64,
+        se_ratio=0.0,
+        stochastic_depth=0.0,
         norm="batch",
         padding="symmetric",
         scan=True,
@@ -191,15 +256,30 @@ class ResNet(nnx.Module):
     ):
         if len(stage_sizes) != len(widths) or min(stage_sizes, default=0) < 1:
             raise ScalingError(f"need >= 1 block per stage and one width each, got {stage_sizes}")
-        if not (width_multiplier > 0 and depth_multiplier > 0 and num_classes >= 1):  # and not NaN
-            raise ScalingError(
-                "width_multiplier, depth_multiplier and num_classes must be positive"
-            )
-        if not (0 <= dropout < 1 and 0 <= block_dropout < 1):
-            raise ScalingError(f"dropout rates must be in [0, 1), got {dropout}, {block_dropout}")
+        check_sizes(
+            num_classes,
+            [
+                ("dropout", dropout),
+                ("block_dropout", block_dropout),
+                ("stochastic_depth", stochastic_depth),
+            ],
+            width_multiplier=width_multiplier,
+            depth_multiplier=depth_multiplier,
+        )
+        if not 0 <= se_ratio <= 1:
+            raise ScalingError(f"se_ratio must be in [0, 1] (0: no SE), got {se_ratio}")
         blocks = {"basic": BasicBlock, "bottleneck": BottleneckBlock}
         if block not in blocks:
             raise ScalingError(f"unknown block {block!r}; valid: {', '.join(blocks)}")
+        for key, value in (("groups", groups), ("base_width", base_width)):
+            if not isinstance(value, int) or value < 1:
+                raise ScalingError(f"{key} must be a positive integer, got {value!r}")
+        grouped = dict(groups=groups, base_width=base_width)
+        if block == "basic" and (groups, base_width) != (1, 64):
+            raise ScalingError(
+                "groups and base_width widen bottleneck blocks only; basic blocks take "
+                f"groups=1, base_width=64 (got {groups}, {base_width})"
+            )
         if stem not in ("cifar", "imagenet"):
             raise ScalingError(f"unknown stem {stem!r}; valid: cifar, imagenet")
         layers = Layers(norm, padding, dtype, rngs)
@@ -216,6 +296,9 @@ class ResNet(nnx.Module):
         self.stem_norm = nnx.data(None if preact else layers.norm(stem_width))
 
         block_cls, cin, stage_list = blocks[block], stem_width, []
+        # Without stochastic depth the blocks have no drop layer at all (nor its random stream).
+        rates = linear_drop_rates(stochastic_depth, sum(stage_sizes))
+        rates = iter(rates if stochastic_depth > 0 else [None] * len(rates))
         for i, (n, width) in enumerate(zip(stage_sizes, widths, strict=True)):
             stage = []
             for j in range(n):
@@ -228,11 +311,15 @@ class ResNet(nnx.Module):
                     shortcut=shortcut,
                     dropout=block_dropout,
                     layers=layers,
+                    se_ratio=se_ratio,
+                    drop_rate=next(rates),
+                    **(grouped if block == "bottleneck" else {}),
                 )
                 stage.append(b)
                 cin = scale(width) * block_cls.expansion
             # All but a stage's first block have the same shapes: scan them. Not with dropout
-            # in the blocks, whose random streams the stacked copies would share.
+            # in the blocks, whose random streams the stacked copies would share. (Drop paths
+            # scan: each forks a stream of its own when built, and its rate is state.)
             if scan and block_dropout == 0 and n > 2:
                 stage = [stage[0], Stack(stage[1:])]
             stage_list.extend(stage)

@@ -16,8 +16,11 @@ not grow with depth (accelerators unroll the loop: `stack.scan_blocks`); `remat=
 each block in the backward pass. `scan=False` builds the same blocks unrolled, as an `nnx.List`
 (`unrolled(model)` converts a scanned model).
 `dropout` acts on the embeddings, the attention output and both MLP layers (the paper's places);
-`stochastic_depth` drops a block's residual branches per example, at the same rate in every
-block, since scanned blocks are identical.
+`stochastic_depth` drops a block's two residual branches per example (`layers.DropPath`), at a
+rate growing linearly from 0 at the first block to `stochastic_depth` at the last (Huang et al.
+2016's schedule, as timm's ViT and DeiT). Each block's rate is state of the block
+(`layers.DropRate`), created by `nnx.vmap` over the rates: a scan input, so the scanned blocks
+still compile as one.
 """
 
 import re
@@ -27,7 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from scaling import ScalingError
-from scaling.models.layers import Mlp, SelfAttention
+from scaling.models.layers import DropPath, Mlp, SelfAttention, linear_drop_rates
 from scaling.models.registry import Family, register
 from scaling.models.stack import apply_block, scan_blocks, unstack
 from scaling.ops import dense
@@ -48,13 +51,15 @@ LN_EPSILON = 1e-6
 class EncoderBlock(nnx.Module):
     """x + Attention(LN(x)), then x + MLP(LN(x)); stochastic depth on both residual branches."""
 
-    def __init__(self, width, mlp_dim, num_heads, *, dropout, stochastic_depth, dtype, rngs):
+    def __init__(self, width, mlp_dim, num_heads, *, dropout, drop_rate, dtype, rngs):
         self.norm1 = nnx.LayerNorm(width, epsilon=LN_EPSILON, dtype=dtype, rngs=rngs)
         self.attn = SelfAttention(width, width, num_heads, dropout=dropout, dtype=dtype, rngs=rngs)
         self.norm2 = nnx.LayerNorm(width, epsilon=LN_EPSILON, dtype=dtype, rngs=rngs)
         self.mlp = Mlp(width, mlp_dim, dropout=dropout, dtype=dtype, rngs=rngs)
-        # Per-example drop of a whole residual branch, rescaled (Huang et al. 2016).
-        self.drop_path = nnx.Dropout(stochastic_depth, broadcast_dims=(1, 2), rngs=rngs)
+        # Per-example drop of a whole residual branch, rescaled (Huang et al. 2016), at this
+        # block's rate; None (no stochastic depth): never, but the layer and its random stream
+        # are kept, so that the other layers' initial values do not depend on the setting.
+        self.drop_path = DropPath(drop_rate, rngs=rngs)
 
     def __call__(self, x):
         x = x + self.drop_path(self.attn(self.norm1(x)))
@@ -79,21 +84,26 @@ class Encoder(nnx.Module):
     applies them in turn with the tokens as the carry. XLA then compiles one block, not `depth`.
     """
 
-    def __init__(self, depth, *, scan, remat, rngs, **block_settings):
+    def __init__(self, depth, *, scan, remat, stochastic_depth, rngs, **block_settings):
         self.scan, self.remat = scan, remat
+        rates = linear_drop_rates(stochastic_depth, depth)
+        on = stochastic_depth > 0
         # Lower the scan fully unrolled: `flops.xla_flops` sets this while it asks XLA for its
         # cost analysis, which counts the body of a loop once, not once per iteration.
         if scan:
 
             @nnx.split_rngs(splits=depth)
-            @nnx.vmap(in_axes=(0,), out_axes=0)
-            def make_blocks(rngs):
-                return EncoderBlock(rngs=rngs, **block_settings)
+            @nnx.vmap(in_axes=(0, 0), out_axes=0)
+            def make_blocks(rngs, rate):  # `rate`: this block's, traced
+                return EncoderBlock(rngs=rngs, drop_rate=rate if on else None, **block_settings)
 
-            self.blocks = make_blocks(rngs)
+            self.blocks = make_blocks(rngs, jnp.asarray(rates, jnp.float32))
         else:
             self.blocks = nnx.List(
-                [EncoderBlock(rngs=rngs, **block_settings) for _ in range(depth)]
+                [
+                    EncoderBlock(rngs=rngs, drop_rate=rate if on else None, **block_settings)
+                    for rate in rates
+                ]
             )
 
     def __call__(self, x):
