@@ -157,6 +157,11 @@ def training_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     c.weight_decay = 5e-4  # on conv and dense kernels only (not biases or norm scales)
     c.label_smoothing = 0.0
+    # mixup and CutMix (scaling.mixing): Beta(alpha, alpha) weights, 0 is off; a batch is mixed
+    # with probability mix_prob. Training accuracy then counts each image's own label.
+    c.mixup_alpha = 0.0
+    c.cutmix_alpha = 0.0
+    c.mix_prob = 1.0
     # Each auxiliary classifier's loss weight (GoogLeNet's aux_logits; Szegedy et al. 2015: 0.3).
     c.aux_loss_weight = 0.3
     c.grad_clip_norm = config_dict.placeholder(float)  # global-norm clipping when set
@@ -203,6 +208,9 @@ _SETTINGS = {
     "weight_decay": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
     "label_smoothing": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "aux_loss_weight": (lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "mixup_alpha": (lambda v: _is_number(v) and v >= 0, "a number >= 0 (0: off)"),
+    "cutmix_alpha": (lambda v: _is_number(v) and v >= 0, "a number >= 0 (0: off)"),
+    "mix_prob": (lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
     "grad_clip_norm": (lambda v: v is None or _is_number(v) and v > 0, "None or a number > 0"),
     "schedule.warmup_steps": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
     "schedule.decay_factor": (lambda v: _is_number(v) and v > 0, "a number > 0"),

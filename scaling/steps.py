@@ -17,6 +17,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from scaling import mixing
+
 AUGMENTATIONS = ("none", "crop", "flip", "crop_flip")
 
 
@@ -46,6 +48,8 @@ def cross_entropy(logits, labels, smoothing=0.0):
     return optax.softmax_cross_entropy(logits, targets)
 
 
+MIXING_STREAM = 1  # folded into a step's key for mixup and CutMix
+
 # Szegedy et al. 2015, section 5: "the losses of the auxiliary classifiers were weighted by 0.3".
 AUX_LOSS_WEIGHT = 0.3
 
@@ -59,13 +63,22 @@ def split_outputs(outputs):
     return outputs, ()
 
 
-def training_loss(outputs, labels, smoothing=0.0, aux_weight=AUX_LOSS_WEIGHT):
+def training_loss(outputs, labels, smoothing=0.0, aux_weight=AUX_LOSS_WEIGHT, lam=None):
     """(the loss minimised, the main classifier's loss, its logits) of a batch's outputs: the
-    main loss plus `aux_weight` times each auxiliary classifier's (label smoothing on all)."""
+    main loss plus `aux_weight` times each auxiliary classifier's (label smoothing on all).
+    `lam`: the batch was mixed with its mirror by this weight (`scaling.mixing`), and so are
+    the targets."""
     logits, aux = split_outputs(outputs)
-    loss = cross_entropy(logits, labels, smoothing).mean()
-    total = loss + sum(aux_weight * cross_entropy(a, labels, smoothing).mean() for a in aux)
-    return total, loss, logits
+    targets = jax.nn.one_hot(labels, logits.shape[-1])
+    if smoothing:
+        targets = optax.smooth_labels(targets, smoothing)
+    if lam is not None:
+        targets = mixing.mix_targets(targets, lam)
+    loss = optax.softmax_cross_entropy(logits, targets).mean()
+    if not aux:
+        return loss, loss, logits
+    aux_losses = [optax.softmax_cross_entropy(a, targets).mean() for a in aux]
+    return loss + aux_weight * sum(aux_losses), loss, logits
 
 
 def normalize(images, state):
@@ -84,12 +97,21 @@ def make_steps(config, train_def, eval_def, tx):
     def train_step(state, images, labels):
         key = jax.random.fold_in(state["run"]["key"], state["step"])
         images = normalize(augment(images, key, config.augment), state)
+        lam = None
+        if mixing.enabled(config):  # its own key: runs without mixing keep their augmentation
+            images, lam = mixing.mix_images(
+                images,
+                jax.random.fold_in(key, MIXING_STREAM),
+                mixup_alpha=config.mixup_alpha,
+                cutmix_alpha=config.cutmix_alpha,
+                prob=config.mix_prob,
+            )
 
         def loss_fn(params):
             # copy: the statistics are updated inside this trace, so they must be born in it
             model = nnx.merge(train_def, params, state["model_state"], copy=True)
             total, loss, logits = training_loss(
-                model(images), labels, config.label_smoothing, aux_weight
+                model(images), labels, config.label_smoothing, aux_weight, lam
             )
             return total, (loss, logits, nnx.state(model, nnx.Not(nnx.Param)))
 

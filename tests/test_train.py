@@ -211,6 +211,8 @@ def test_every_optimizer_builds_and_steps(optimizer):
         (dict(num_epochs=2.0), "exactly one of config.num_steps and config.num_epochs"),
         (dict(dataset="mnist"), "digits"),
         (dict(model={"name": "resnet7"}), r"6n\+2"),
+        (dict(mix_prob=1.5), r"mix_prob.*\[0, 1\]"),
+        (dict(cutmix_alpha=-1.0), "cutmix_alpha"),
     ],
 )
 def test_bad_settings_fail_before_training(tmp_path, tiny_config, overrides, message):
