@@ -254,9 +254,9 @@ def test_auxiliary_heads_change_the_training_and_not_the_evaluation(monkeypatch)
     # The step hands both heads' logits to the loss, with the paper's weight.
     seen, loss = [], steps.training_loss
 
-    def recording(outputs, labels, smoothing=0.0, aux_weight=steps.AUX_LOSS_WEIGHT):
+    def recording(outputs, labels, smoothing=0.0, aux_weight=steps.AUX_LOSS_WEIGHT, lam=None):
         seen.append((len(steps.split_outputs(outputs)[1]), aux_weight))
-        return loss(outputs, labels, smoothing, aux_weight)
+        return loss(outputs, labels, smoothing, aux_weight, lam)
 
     monkeypatch.setattr(steps, "training_loss", recording)
     jax.eval_shape(lambda *args: train_step(*args), state, images, labels)  # a fresh trace

@@ -25,16 +25,14 @@ bottleneck=0, compression=1)`, 1,019,722 parameters (the paper's 1.0M; (100, 12)
 its 7.0M).
 """
 
-import functools
 import re
 
 import jax.numpy as jnp
 from flax import nnx
 
 from scaling import ScalingError
-from scaling.models.layers import bias_free_conv
+from scaling.models.layers import ConvNorm
 from scaling.models.registry import Family, register
-from scaling.ops.conv import conv_general_dilated
 from scaling.scale import check_sizes, round_filters, round_repeats
 
 # name -> (layers per dense block, growth rate k): torchvision's table (the paper's Table 1;
@@ -47,26 +45,6 @@ IMAGENET_SIZES = {
 }
 # The growth rate scales to multiples of this (see the module docstring).
 GROWTH_DIVISOR = 4
-
-
-class Makers:
-    """The conv and norm constructors of one network."""
-
-    def __init__(self, dtype, rngs):
-        # He-normal convs, as the rest of the library and the authors' Torch code (torchvision
-        # scales by fan-in, not fan-out); a BatchNorm follows each conv either way.
-        self.conv = functools.partial(
-            bias_free_conv,
-            padding="symmetric",  # torchvision's and Torch's (k - 1) / 2 on every side
-            convolution=conv_general_dilated,
-            dtype=dtype,
-            rngs=rngs,
-        )
-        # torch's defaults: eps 1e-5, momentum 0.1 (an update rate: Flax's 0.9 decay)
-        self.norm = functools.partial(
-            nnx.BatchNorm, momentum=0.9, epsilon=1e-5, dtype=dtype, rngs=rngs
-        )
-        self.rngs = rngs
 
 
 class DenseLayer(nnx.Module):
@@ -140,7 +118,7 @@ class DenseNet(nnx.Module):
             raise ScalingError(f"bottleneck must be >= 0 (0: none), got {bottleneck}")
         if stem not in ("imagenet", "cifar"):
             raise ScalingError(f"unknown stem {stem!r}; valid: imagenet, cifar")
-        make = Makers(dtype, rngs)
+        make = ConvNorm(dtype, rngs)
         k = round_filters(growth_rate, width_multiplier, GROWTH_DIVISOR)
         block_sizes = [round_repeats(n, depth_multiplier) for n in block_sizes]
         cin = 2 * k if stem_width is None else round_filters(stem_width, width_multiplier)

@@ -23,15 +23,12 @@ module shaped like 4a and the last shaped like 4d (or an earlier one). No CIFAR 
 defines none (the ImageNet network runs at 32x32 too, its last stage at 1x1).
 """
 
-import functools
-
 import jax.numpy as jnp
 from flax import nnx
 
 from scaling import ScalingError
-from scaling.models.layers import adaptive_avg_pool, bias_free_conv, max_pool
+from scaling.models.layers import ConvNorm, adaptive_avg_pool, max_pool
 from scaling.models.registry import Family, register
-from scaling.ops.conv import conv_general_dilated
 from scaling.scale import check_sizes, round_filters, round_repeats
 
 # The paper's Table 1, by stage (3, 4, 5: the feature maps are 28, 14 and 7 pixels at 224): each
@@ -106,25 +103,6 @@ class AuxHead(nnx.Module):
         return self.fc2(self.dropout(x)).astype(jnp.float32)
 
 
-class Makers:
-    """The conv and norm constructors of one network."""
-
-    def __init__(self, dtype, rngs):
-        # He-normal convs, as the rest of the library (torchvision draws N(0, 0.01) for every
-        # conv and dense layer; a BatchNorm after each conv makes the conv scale immaterial).
-        self.conv = functools.partial(
-            bias_free_conv,
-            padding="symmetric",  # torchvision's and Caffe's (k - 1) / 2 on every side
-            convolution=conv_general_dilated,
-            dtype=dtype,
-            rngs=rngs,
-        )
-        # eps 1e-3 as torchvision's BasicConv2d (the TensorFlow port's), momentum torch's 0.1.
-        self.norm = functools.partial(
-            nnx.BatchNorm, momentum=0.9, epsilon=1e-3, dtype=dtype, rngs=rngs
-        )
-
-
 def layout(depth_multiplier):
     """(per stage, the index in `STAGES` of the module shape each Inception module takes; and
     the (stage, module) each auxiliary head follows). A stage of n modules gets
@@ -169,7 +147,8 @@ class GoogLeNet(nnx.Module):
         )
         if branch5_kernel not in (3, 5):
             raise ScalingError(f"branch5_kernel must be 3 or 5, got {branch5_kernel}")
-        make = Makers(dtype, rngs)
+        # BatchNorm eps 1e-3 as torchvision's BasicConv2d (the TensorFlow port's).
+        make = ConvNorm(dtype, rngs, epsilon=1e-3)
         scale = lambda c: round_filters(c, width_multiplier)  # noqa: E731
         stem = [scale(c) for c in STEM]
         self.conv1 = ConvBN(in_channels, stem[0], 7, 2, make=make)

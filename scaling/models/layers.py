@@ -10,6 +10,8 @@ residual families and ViT. Which kernels run them on which backend is `scaling.o
 each family's own blocks live in its module.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,7 +19,7 @@ from flax import nnx
 from flax.nnx.nn.dtypes import promote_dtype
 
 from scaling import ScalingError
-from scaling.ops import activations, attention, dense, depthwise
+from scaling.ops import activations, attention, conv, dense, depthwise
 
 # He-normal on fan-out for convolutions (torchvision's and the TensorFlow reference's). A
 # depthwise kernel is (k, k, 1, channels) in Flax, so its fan-out per output channel (k*k, as TF
@@ -131,6 +133,26 @@ def max_pool(x, window, stride, padding=0, *, ceil_mode=False):
         x = x[:, : x.shape[1] + min(0, pads[0][1]), : x.shape[2] + min(0, pads[1][1])]
         pads = [(lo, max(0, hi)) for lo, hi in pads]
     return nnx.max_pool(x, (window, window), strides=(stride, stride), padding=pads)
+
+
+class ConvNorm:
+    """One network's constructors of bias-free convs and their BatchNorms, as torchvision's
+    GoogLeNet and DenseNet build them: convs He-normal (as the rest of the library; the norm
+    that follows makes their scale immaterial), padded (k - 1) // 2 on every side; BatchNorm with
+    torch's update rate 0.1 (Flax's momentum 0.9) and `epsilon`."""
+
+    def __init__(self, dtype, rngs, epsilon=1e-5):
+        self.conv = functools.partial(
+            bias_free_conv,
+            padding="symmetric",
+            convolution=conv.conv_general_dilated,
+            dtype=dtype,
+            rngs=rngs,
+        )
+        self.norm = functools.partial(
+            nnx.BatchNorm, momentum=0.9, epsilon=epsilon, dtype=dtype, rngs=rngs
+        )
+        self.rngs = rngs
 
 
 class DepthwiseConv(nnx.Module):
