@@ -1,4 +1,4 @@
-"""The `scaling` command: info, models, import, train, sweep, report, bench and launch.
+"""The `scaling` command: info, models, import, train, sweep, report, bench, knn and launch.
 
 scaling info MODEL [--image-size S] [--set KEY=VALUE ...]
 scaling models [PATTERN]
@@ -8,6 +8,8 @@ scaling sweep --config configs/STUDY.py[:arg] --workdir DIR [--dry-run] [--paral
 scaling report DIR [DIR ...] [--out OUT] [--notes NOTES.md]
 scaling bench [--models M ...] [--batch B] [--image-size S] [--steps N]
               [--compare torch] [--stream SOURCE]
+scaling knn --data SOURCE --image-size S --k K [K ...] --distance l1|l2|cosine
+            [--vote majority|distance] [--train-examples N] [--workdir DIR]
 scaling launch tpu|skypilot --config configs/STUDY.py --name N --zone Z --accelerator v4-8 ...
 """
 
@@ -220,6 +222,50 @@ def bench(args):
         print(f"wrote {args.out}/bench.json and {args.out}/README.md")
 
 
+def knn(args):
+    from scaling import knn as knns
+    from scaling.rundir import check_writable, mark, write_json_atomic
+
+    knns.check_settings(args.k, args.distance, args.vote, args.query_chunk, args.train_chunk)
+    if args.image_size < 1:
+        raise ScalingError(f"--image-size must be positive, got {args.image_size}")
+    if args.train_examples is not None and args.train_examples < 2:
+        raise ScalingError(f"--train-examples must be at least 2, got {args.train_examples}")
+    workdir = Path(args.workdir) if args.workdir is not None else None
+    if workdir is not None:
+        check_writable(workdir, "--workdir")
+        if workdir.exists() and any(workdir.iterdir()):
+            raise ScalingError(f"{workdir} is not empty; choose a new or empty --workdir")
+    from scaling import data
+
+    ds = data.load(args.data, args.image_size, train_examples=args.train_examples, seed=args.seed)
+    results = knns.evaluate(ds, args.k, args.distance, args.vote, query_chunk=args.query_chunk,
+                            train_chunk=args.train_chunk)  # fmt: skip
+    ks = sorted(set(args.k))
+    for k in ks:
+        summary = knns.summary(ds, args.data, args.image_size, k, args.distance, args.vote,
+                               results[k], results["wall_seconds"], results["queries"],
+                               args.seed)  # fmt: skip
+        print(
+            f"{summary['model']} ({args.vote} vote) on {args.data}: test accuracy "
+            f"{summary['test_accuracy']:.4f}, train accuracy (leave-one-out) "
+            f"{summary['train_accuracy']:.4f}"
+        )
+        if workdir is None:
+            continue
+        # One run directory per k when there are several, so `scaling report` reads trials.
+        run = workdir / f"k={k}" if len(ks) > 1 else workdir
+        run.mkdir(parents=True, exist_ok=True)
+        mark(run, "knn")
+        config = dict(model=dict(name=summary["model"]), dataset=args.data, k=k,
+                      distance=args.distance, vote=args.vote, image_size=args.image_size,
+                      train_examples=args.train_examples, seed=args.seed)  # fmt: skip
+        write_json_atomic(run / "config.json", config)
+        write_json_atomic(run / "summary.json", summary)
+    print(f"{results['queries']} queries in {results['wall_seconds']:.1f} s"
+          + (f"; summaries in {workdir}" if workdir is not None else ""))  # fmt: skip
+
+
 def launch(args, config_args):
     from scaling import launch as launcher
     from scaling import sweep as sweeps
@@ -320,6 +366,19 @@ def build_parser():
                    "folder:DIR or tfds:NAME from disk, not in memory")  # fmt: skip
     p.add_argument("--out", help="directory for bench.json and README.md (the table)")
 
+    p = sub.add_parser("knn", help="the k-nearest-neighbours baseline on raw pixels")
+    p.add_argument("--data", required=True, help="a data source: digits, folder:PATH, tfds:NAME")
+    p.add_argument("--image-size", type=int, required=True)
+    p.add_argument("--k", type=int, nargs="+", default=[1], help="one or more k (default 1)")
+    p.add_argument("--distance", default="l2", help="l1, l2 (default) or cosine")
+    p.add_argument("--vote", default="majority", help="majority (default) or distance (1/d)")
+    p.add_argument("--train-examples", type=int, help="a stratified training subset")
+    p.add_argument("--seed", type=int, default=0, help="of the training subset and holdout")
+    p.add_argument("--query-chunk", type=int, default=256, help="queries per device step")
+    p.add_argument("--train-chunk", type=int, help="training examples per step "
+                   "(default: all; smaller streams them with a running top-k)")  # fmt: skip
+    p.add_argument("--workdir", help="a new or empty directory for summary.json (k=K/ each)")
+
     p = sub.add_parser(
         "launch", help="print (or --execute) cloud TPU commands for a study", epilog=config_help
     )
@@ -355,7 +414,7 @@ def main(argv=None):
     args, rest = parser.parse_known_args(argv)
     commands = {"train": train, "sweep": sweep, "launch": launch}
     plain = {"info": info, "models": list_models, "import": import_weights, "report": report,
-             "bench": bench}  # fmt: skip
+             "bench": bench, "knn": knn}  # fmt: skip
     try:
         if args.command in ("train", "info"):
             enable_compilation_cache()

@@ -26,7 +26,8 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # Tests compile far more than they compute: XLA's slower optimisation passes off, in this
-# process and its subprocesses, as the Flax examples' tests do (the whole suite: 23.0 -> 17.8 CPU minutes).
+# process and its subprocesses, as the Flax examples' tests do (the whole suite: 23.0 -> 17.8
+# CPU minutes).
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 # oneDNN's convolutions on one thread: two pytest workers already keep both cores busy (one
 # run each: 9:52 with OpenMP teams on top of them, 8:49 without).
