@@ -198,7 +198,13 @@ def pareto(done, out, laws):
         ["parameters", "FLOP/image (XLA, forward)", "wall seconds per trial"],
         strict=True,
     ):
-        for family, rows in done.groupby("family"):
+        # A baseline without parameters or FLOPs (k-NN) has no place on a log axis: a line.
+        for arch, rows in done[~(done[x] > 0)].groupby("arch"):
+            level = rows.test_accuracy.mean()
+            ax.axhline(level, ls=":", lw=1, color="grey")
+            ax.annotate(f"{arch} (baseline)", (0.01, level), xycoords=("axes fraction", "data"),
+                        fontsize=6, xytext=(0, 2), textcoords="offset points")  # fmt: skip
+        for family, rows in done[done[x] > 0].groupby("family"):
             points = ax.scatter(rows[x], rows.test_accuracy, s=18, alpha=0.6, label=family)
             front = pareto_front(rows, x)
             ax.step(front[x], front.test_accuracy, where="post", color=points.get_facecolor()[0])
@@ -207,7 +213,8 @@ def pareto(done, out, laws):
                 grid = np.geomspace(rows[x].min(), rows[x].max(), 100)
                 ax.plot(grid, 1 - law["fit"](grid), "--", color=points.get_facecolor()[0])
         if done.arch.nunique() <= 16:  # name each architecture at its mean over seeds
-            for arch, mean in done.groupby("arch")[[x, "test_accuracy"]].mean().iterrows():
+            means = done[done[x] > 0].groupby("arch")[[x, "test_accuracy"]].mean()
+            for arch, mean in means.iterrows():
                 ax.annotate(arch, (mean[x], mean.test_accuracy), fontsize=6, alpha=0.8,
                             xytext=(3, -8), textcoords="offset points")  # fmt: skip
         ax.set(xscale="log", xlabel=label, ylabel="test accuracy")

@@ -1,12 +1,13 @@
 """The k-NN baseline against a brute-force NumPy reference, its chunking, and `scaling knn`."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 from conftest import scaling_cli
 
-from scaling import ScalingError, knn
+from scaling import ScalingError, knn, report
 from scaling.cli import main
 from scaling.results import load
 
@@ -143,7 +144,7 @@ def test_bad_settings(problem):
         knn.neighbours(train, queries, 41, "l2")
 
 
-def test_command_on_digits(tmp_path):
+def test_command_on_digits(tmp_path, monkeypatch):
     out = scaling_cli("knn", "--data", "digits", "--image-size", "8", "--k", "1", "5",
                       "--distance", "l2", "--workdir", str(tmp_path / "knn"))  # fmt: skip
     assert out.returncode == 0, out.stderr
@@ -154,6 +155,22 @@ def test_command_on_digits(tmp_path):
     assert (df.status == "done").all()
     assert (df.test_accuracy > 0.9).all(), df.test_accuracy
     assert (df.train_accuracy > 0.9).all(), df.train_accuracy
+    # Beside a trained run in one report: the baselines (no parameters, no FLOPs) are lines
+    # across the Pareto plots, which a log axis could not show as points.
+    trained = tmp_path / "knn" / "trained"
+    shutil.copytree(tmp_path / "knn" / "k=1", trained)
+    record = json.loads((trained / "summary.json").read_text())
+    record.update(model="resnet8", params=78042, flops=2.5e6, macs=1.2e6, test_accuracy=0.8)
+    (trained / "summary.json").write_text(json.dumps(record))
+    (trained / "config.json").write_text(json.dumps(dict(model=dict(name="resnet8"), seed=0)))
+    text = report.write([tmp_path / "knn"], tmp_path / "report").read_text()
+    assert "3 trials: 3 done." in text and (tmp_path / "report" / "pareto.png").exists()
+    figures = []
+    monkeypatch.setattr(report, "save", lambda fig, out, name: figures.append(fig))
+    report.pareto(load(tmp_path / "knn"), tmp_path, [])
+    params_axis = figures[0].axes[0]
+    levels = [line.get_ydata()[0] for line in params_axis.get_lines() if line.get_ls() == ":"]
+    assert sorted(levels) == pytest.approx(sorted(df.test_accuracy))
 
 
 def test_command_bad_input(tmp_path, capsys):
