@@ -41,11 +41,13 @@ def augment(images, key, kind, pad=4):
     return images
 
 
+def soft_targets(labels, classes, smoothing=0.0):
+    targets = jax.nn.one_hot(labels, classes)
+    return optax.smooth_labels(targets, smoothing) if smoothing else targets
+
+
 def cross_entropy(logits, labels, smoothing=0.0):
-    targets = jax.nn.one_hot(labels, logits.shape[-1])
-    if smoothing:
-        targets = optax.smooth_labels(targets, smoothing)
-    return optax.softmax_cross_entropy(logits, targets)
+    return optax.softmax_cross_entropy(logits, soft_targets(labels, logits.shape[-1], smoothing))
 
 
 MIXING_STREAM = 1  # folded into a step's key for mixup and CutMix
@@ -69,9 +71,7 @@ def training_loss(outputs, labels, smoothing=0.0, aux_weight=AUX_LOSS_WEIGHT, la
     `lam`: the batch was mixed with its mirror by this weight (`scaling.mixing`), and so are
     the targets."""
     logits, aux = split_outputs(outputs)
-    targets = jax.nn.one_hot(labels, logits.shape[-1])
-    if smoothing:
-        targets = optax.smooth_labels(targets, smoothing)
+    targets = soft_targets(labels, logits.shape[-1], smoothing)
     if lam is not None:
         targets = mixing.mix_targets(targets, lam)
     loss = optax.softmax_cross_entropy(logits, targets).mean()
