@@ -156,12 +156,16 @@ def train(args, config_args):
     start_distributed(args)
     summary = trainer.train(config, workdir, overwrite=args.overwrite, stop_after=args.stop_after)
     if summary is None:
-        print(f"stopped early; run the same command to resume from {workdir}")
+        print(f"paused before the end; run the same command to resume from {workdir}")
         return
     s = summary
+    steps = f"{s['steps']} steps"
+    if early := s.get("early_stopping"):
+        steps = (f"{early['stopped_step']} of {s['steps']} steps (early stopping: the best "
+                 f"{early['metric']} at step {early['best_step']})")  # fmt: skip
     print(
         f"{s['model']} on {s['dataset']}: test accuracy {s['test_accuracy']:.4f}, "
-        f"train accuracy {s['train_accuracy']:.4f}, {s['steps']} steps in "
+        f"train accuracy {s['train_accuracy']:.4f}, {steps} in "
         f"{s['wall_seconds']:.0f} s ({s['images_per_second']:.0f} images/s)"
     )
     print(f"metrics: {workdir}/metrics.jsonl  summary: {workdir}/summary.json")

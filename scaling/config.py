@@ -164,6 +164,18 @@ def training_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.mix_prob = 1.0
     # Each auxiliary classifier's loss weight (GoogLeNet's aux_logits; Szegedy et al. 2015: 0.3).
     c.aux_loss_weight = 0.3
+    # Early stopping (scaling.early_stopping) on a validation split carved from the training
+    # subset. Validation loss by default: smoother than accuracy on a small split, and the
+    # quantity Prechelt (1998) and Keras monitor.
+    c.early_stopping = ml_collections.ConfigDict(
+        dict(
+            patience=0,  # evaluations without improvement before stopping; 0 is off
+            every=100,  # steps between evaluations of the validation split
+            min_delta=0.0,  # an improvement must beat the best by more than this
+            metric="loss",  # loss | accuracy, of the validation split
+            validation_fraction=0.1,  # of the training subset, never of the test split
+        )
+    )
     c.grad_clip_norm = config_dict.placeholder(float)  # global-norm clipping when set
     c.compute_dtype = "float32"  # or bfloat16: activations in bf16, parameters stay float32
     # Fine-tune from weights written by `scaling import` (a directory): the head is
@@ -211,6 +223,13 @@ _SETTINGS = {
     "mixup_alpha": (lambda v: _is_number(v) and v >= 0, "a number >= 0 (0: off)"),
     "cutmix_alpha": (lambda v: _is_number(v) and v >= 0, "a number >= 0 (0: off)"),
     "mix_prob": (lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "early_stopping.patience": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: off)"),
+    "early_stopping.every": (lambda v: _is_int(v) and v >= 1, "an integer >= 1 (steps)"),
+    "early_stopping.min_delta": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    "early_stopping.validation_fraction": (
+        lambda v: _is_number(v) and 0 < v < 1,
+        "a number in (0, 1)",
+    ),
     "grad_clip_norm": (lambda v: v is None or _is_number(v) and v > 0, "None or a number > 0"),
     "schedule.warmup_steps": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
     "schedule.decay_factor": (lambda v: _is_number(v) and v > 0, "a number > 0"),

@@ -119,11 +119,11 @@ def make_steps(config, train_def, eval_def, tx):
         (_, (loss, logits, model_state)), grads = grad_fn(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         new_state = dict(
+            state,  # what the step does not change (the run's key, early stopping's tracker)
             step=state["step"] + 1,
             params=optax.apply_updates(state["params"], updates),
             model_state=model_state,
             opt_state=opt_state,
-            run=state["run"],
         )
         # Running sums since the last log line; kept in the state, so a resumed run logs
         # exactly what an uninterrupted one would have.

@@ -109,6 +109,8 @@ def _label(value) -> str:
         return f"{value:.8g}"
     if isinstance(value, list | tuple):
         return "x".join(map(_label, value))
+    if isinstance(value, dict):  # a whole sub-config, e.g. {"name": "adamw"}: its values
+        return "+".join(map(_label, value.values()))
     return str(value)
 
 

@@ -32,6 +32,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from scaling import Diverged, ScalingError, Stopped, data, flops, models, pretrained, rundir
+from scaling import early_stopping as early
 from scaling import checkpoints as ckpt
 from scaling.config import check_training_config
 from scaling.optim import make_optimizer
@@ -141,6 +142,8 @@ def build(config, model_settings, total_steps, pixel_mean, pixel_std) -> Program
                   f"{model_settings['num_classes']} classes")  # fmt: skip
         weights = jax.device_put(dict(params=params, model_state=model_state), replicated)
         state = {**state, **weights}
+    if early.enabled(config):
+        state["early_stopping"] = jax.jit(early.initial_tracker, out_shardings=replicated)(state)
     reset_sums = jax.jit(
         lambda s: {**s, "metric_sums": ZERO_SUMS}, donate_argnums=0, out_shardings=replicated
     )
@@ -173,6 +176,7 @@ def check(config) -> dict:
             f"batch_size {config.batch_size} is not divisible by {jax.device_count()} devices"
         )
     make_optimizer(config, total_steps=1)  # an unknown optimizer, schedule or setting
+    early.check(config)
     model_settings = settings_of(config)
     if model_settings.get("in_channels", 3) != 3:  # every data source gives RGB images
         raise ScalingError(
@@ -203,6 +207,9 @@ def train(config: ml_collections.ConfigDict, workdir, *, overwrite=False, stop_a
         holdout_fraction=config.holdout_fraction,
         seed=config.data_seed,
     )
+    validation = None
+    if early.enabled(config):
+        ds, validation = early.carve_validation(ds, config.early_stopping.validation_fraction)
     n_train = len(ds.train_labels)
     if n_train < config.batch_size:
         raise ScalingError(
@@ -212,14 +219,15 @@ def train(config: ml_collections.ConfigDict, workdir, *, overwrite=False, stop_a
     total_steps = num_train_steps(config, n_train)
     if jax.process_index():  # process 0 writes for a multi-host job, and holds the lock
         workdir.mkdir(parents=True, exist_ok=True)
-        return run(config, workdir, ds, model_settings, total_steps, stop_after)
+        return run(config, workdir, ds, validation, model_settings, total_steps, stop_after)
     with rundir.lock(workdir):
         rundir.prepare_run_directory(workdir, config, overwrite)
-        return run(config, workdir, ds, model_settings, total_steps, stop_after)
+        return run(config, workdir, ds, validation, model_settings, total_steps, stop_after)
 
 
-def run(config, workdir: Path, ds, model_settings, total_steps, stop_after):
-    """The training loop of a checked, prepared run directory (see `train`)."""
+def run(config, workdir: Path, ds, validation, model_settings, total_steps, stop_after):
+    """The training loop of a checked, prepared run directory (see `train`); `validation`: the
+    split early stopping monitors, or None."""
     devices, n_train = jax.device_count(), len(ds.train_labels)
     program = build(config, model_settings, total_steps, *pixel_statistics(ds))
     state, train_step, schedule = program.state, program.train_step, program.schedule
@@ -228,6 +236,8 @@ def run(config, workdir: Path, ds, model_settings, total_steps, stop_after):
     run_eval = functools.partial(
         evaluate, program.eval_step, batch_size=eval_batch, sharding=batch_sharding
     )
+    if validation is not None:  # early stopping
+        track = early.tracker_update(config, state["step"].sharding)
 
     checkpoints = ckpt.manager(
         workdir / "checkpoints", keep=config.keep_checkpoints, every=config.checkpoint_every
@@ -239,7 +249,10 @@ def run(config, workdir: Path, ds, model_settings, total_steps, stop_after):
     # Steps after the checkpoint are redone: drop their records.
     kept = rundir.rewind_metrics(metrics_path, start) if is_writer else []
     wall_before = max((r["wall_time"] for r in kept), default=0.0)
-    finished = start >= total_steps and rundir.read_json(workdir / "summary.json")
+    stopped_early = functools.partial(early.stopped, config)
+    finished = (start >= total_steps or stopped_early(state)) and rundir.read_json(
+        workdir / "summary.json"
+    )
     if finished:
         print(f"{workdir} already holds a finished run")
         return finished
@@ -264,6 +277,7 @@ def run(config, workdir: Path, ds, model_settings, total_steps, stop_after):
         t0 = time.perf_counter()
         wall = lambda: wall_before + time.perf_counter() - t0  # noqa: E731
         end = total_steps if stop_after is None else min(total_steps, start + stop_after)
+        end = start if stopped_early(state) else end  # stopped, but not yet summarised
         window_start, last_finite_loss = time.perf_counter(), None
         bar = tqdm(total=total_steps, initial=start, unit="step", disable=None, dynamic_ncols=True)
         on_device = data_on_device(config.data_on_device, ds)
@@ -303,6 +317,14 @@ def run(config, workdir: Path, ds, model_settings, total_steps, stop_after):
                 if config.eval_every and done % config.eval_every == 0 and done < total_steps:
                     loss, acc = run_eval(state, ds.test, len(ds.test_labels))
                     log(dict(step=done, test_loss=loss, test_accuracy=acc, wall_time=wall()))
+                if validation is not None and (
+                    done % config.early_stopping.every == 0 or done == total_steps
+                ):
+                    loss, acc = run_eval(state, validation, len(validation))
+                    log(dict(step=done, validation_loss=loss, validation_accuracy=acc,
+                             wall_time=wall()))  # fmt: skip
+                    state = track(state, dict(loss=loss, accuracy=acc), done)
+                    end = done if stopped_early(state) else end
                 if stopping.is_set():  # SIGTERM or Ctrl-C: checkpoint now and leave, resumable
                     end = done
                 ckpt.save(checkpoints, done, state, force=done == end)
@@ -310,28 +332,38 @@ def run(config, workdir: Path, ds, model_settings, total_steps, stop_after):
                 if done == end:
                     break
         bar.close()
-        if stopping.is_set() and end < total_steps:
-            raise Stopped(f"stopped by {stopping.signal} at step {end} of {total_steps}")
-        if end < total_steps:
+        if end < total_steps and not stopped_early(state):
+            if stopping.is_set():
+                raise Stopped(f"stopped by {stopping.signal} at step {end} of {total_steps}")
             return None
 
-        # Final evaluation: the test split, and a fixed, un-augmented training subset of equal size.
-        n_fit = min(n_train, len(ds.test_labels))
-        train_loss, train_acc = run_eval(state, ds.train, n_fit)
-        test_loss, test_acc = run_eval(state, ds.test, len(ds.test_labels))
+        # Final evaluation: the test split, and a fixed, un-augmented training subset of equal size;
+        # with early stopping, of the best weights (the last ones' results go beside).
+        def final_metrics():
+            train_loss, train_acc = run_eval(state, ds.train, min(n_train, len(ds.test_labels)))
+            test_loss, test_acc = run_eval(state, ds.test, len(ds.test_labels))
+            return dict(train_accuracy=train_acc, test_accuracy=test_acc, train_loss=train_loss,
+                        test_loss=test_loss, generalization_gap=train_acc - test_acc)  # fmt: skip
+
+        steps_done = int(state["step"])
+        stopping_summary = {}
+        if validation is not None:
+            last = final_metrics()
+            state = early.restore_best(state)
+            stopping_summary = dict(early_stopping=early.summary(config, state, steps_done, last))
+        results = final_metrics()
         wall_seconds = wall()
-        final = dict(test_loss=test_loss, test_accuracy=test_acc, wall_time=wall_seconds)
-        log(dict(step=total_steps, **final))
+        final = dict(test_loss=results["test_loss"], test_accuracy=results["test_accuracy"])
+        if validation is not None:  # the best weights' results, beside the last ones' above
+            final["best_step"] = stopping_summary["early_stopping"]["best_step"]
+        log(dict(step=steps_done, **final, wall_time=wall_seconds))
         records = [r for r in read_metrics(metrics_path) if "images_per_second" in r]
         summary = dict(
-            summary_of(config, abstract_model, ds, total_steps),
-            train_accuracy=train_acc,
-            test_accuracy=test_acc,
-            train_loss=train_loss,
-            test_loss=test_loss,
-            generalization_gap=train_acc - test_acc,
+            summary_of(config, abstract_model, ds, total_steps, steps_done),
+            **results,
             wall_seconds=wall_seconds,
             images_per_second=float(np.median([r["images_per_second"] for r in records])),
+            **stopping_summary,
         )
         if is_writer:
             write_json_atomic(workdir / "summary.json", summary)
@@ -341,9 +373,9 @@ def run(config, workdir: Path, ds, model_settings, total_steps, stop_after):
             board.close()
 
 
-def summary_of(config, abstract_model, ds, total_steps) -> dict:
+def summary_of(config, abstract_model, ds, total_steps, steps_done) -> dict:
     """What a finished run's summary.json says besides its results: the model's size and cost,
-    the data, the budget."""
+    the data, the budget (`steps`) and what of it ran (fewer steps when stopped early)."""
     macs, activations = flops.macs_and_activations(abstract_model, config.image_size)
     return dict(
         model=config.model.name,
@@ -356,7 +388,7 @@ def summary_of(config, abstract_model, ds, total_steps) -> dict:
         num_classes=ds.num_classes,
         train_examples=len(ds.train_labels),
         steps=total_steps,
-        examples_seen=total_steps * config.batch_size,
+        examples_seen=steps_done * config.batch_size,
         devices=jax.device_count(),
         seed=config.seed,
         config=json_config(config),

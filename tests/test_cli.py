@@ -53,7 +53,7 @@ def test_train_command_runs_and_resumes(tmp_path):
             "--config.log_every=3", "--workdir", str(tmp_path)]  # fmt: skip
     first = scaling_cli(*args, "--stop-after=3")
     assert first.returncode == 0, first.stderr
-    assert "stopped early" in first.stdout
+    assert "paused before the end" in first.stdout
     second = scaling_cli(*args)
     assert second.returncode == 0, second.stderr
     assert "resumed from step 3" in second.stdout and "test accuracy" in second.stdout
