@@ -1,7 +1,7 @@
 """Study: the lineage of image classifiers, each idea trained on the same data and budget.
 
     scaling sweep --config configs/lineage.py --workdir runs/lineage --dry-run
-    scaling sweep --config configs/lineage.py:dataset=folder:PATH,steps=250 --workdir runs/lineage
+    scaling sweep --config configs/lineage.py:dataset=folder:PATH,steps=150 --workdir runs/lineage
 
 One network per idea, from LeNet-5 (1998) to CoAtNet (2021), at CIFAR scale: the CIFAR forms
 where the papers define them, scaled down to a few hundred thousand to a few million parameters
@@ -47,8 +47,16 @@ NETWORKS = [
     # 2020: ViT, patch 4 (64 tokens), the size of conv_vs_attention's (683,050 parameters).
     (dict(name="vit_ti4", width=96, depth=6, num_heads=3, mlp_dim=384, pool="gap"), "attention"),
     # 2021: CoAtNet C-C-T-T, conv_vs_attention's 687,730-parameter form.
-    (dict(name="coatnet", layout="CCTT", depths=(1, 1, 2, 3, 1), dims=(16, 24, 40, 96, 160),
-          small_images=True), "attention"),  # fmt: skip
+    (
+        dict(
+            name="coatnet",
+            layout="CCTT",
+            depths=(1, 1, 2, 3, 1),
+            dims=(16, 24, 40, 96, 160),
+            small_images=True,
+        ),
+        "attention",
+    ),  # fmt: skip
 ]
 
 
@@ -65,7 +73,7 @@ def get_config(arg=None):
         arg,
         dataset="digits",
         image_size=32,
-        steps=250,  # 32,000 examples at batch 128: 0.64 CIFAR-10 epochs, what a CPU affords
+        steps=150,  # 19,200 examples at batch 128: 0.38 CIFAR-10 epochs, what a CPU affords
         batch_size=128,
         seeds=2,
     )

@@ -231,25 +231,33 @@ def knn(args):
     from scaling.rundir import check_writable, mark, write_json_atomic
 
     knns.check_settings(args.k, args.distance, args.vote, args.query_chunk, args.train_chunk)
-    if args.image_size < 1:
-        raise ScalingError(f"--image-size must be positive, got {args.image_size}")
-    if args.train_examples is not None and args.train_examples < 2:
-        raise ScalingError(f"--train-examples must be at least 2, got {args.train_examples}")
+    check_knn_source(args)
     workdir = Path(args.workdir) if args.workdir is not None else None
     if workdir is not None:
         check_writable(workdir, "--workdir")
         if workdir.exists() and any(workdir.iterdir()):
             raise ScalingError(f"{workdir} is not empty; choose a new or empty --workdir")
-    from scaling import data
+    from scaling import data, probe
 
-    ds = data.load(args.data, args.image_size, train_examples=args.train_examples, seed=args.seed)
+    features, features_of = None, None
+    if args.features:
+        probe.run_config(Path(args.features))  # a directory without a run: before any work
+        ds, *features, run = probe.run_features(args.features)
+        args.data, args.image_size, args.seed = run.dataset, run.image_size, run.data_seed
+        features_of = run.model.name
+    else:
+        args.seed = args.seed or 0
+        ds = data.load(args.data, args.image_size, train_examples=args.train_examples,
+                       seed=args.seed)  # fmt: skip
     results = knns.evaluate(ds, args.k, args.distance, args.vote, query_chunk=args.query_chunk,
-                            train_chunk=args.train_chunk)  # fmt: skip
+                            train_chunk=args.train_chunk, features=features)  # fmt: skip
     ks = sorted(set(args.k))
     for k in ks:
         summary = knns.summary(ds, args.data, args.image_size, k, args.distance, args.vote,
                                results[k], results["wall_seconds"], results["queries"],
-                               args.seed)  # fmt: skip
+                               args.seed, features_of)  # fmt: skip
+        if args.features:
+            summary["features"] = str(args.features)
         print(
             f"{summary['model']} ({args.vote} vote) on {args.data}: test accuracy "
             f"{summary['test_accuracy']:.4f}, train accuracy (leave-one-out) "
@@ -263,11 +271,29 @@ def knn(args):
         mark(run, "knn")
         config = dict(model=dict(name=summary["model"]), dataset=args.data, k=k,
                       distance=args.distance, vote=args.vote, image_size=args.image_size,
-                      train_examples=args.train_examples, seed=args.seed)  # fmt: skip
+                      train_examples=args.train_examples, seed=args.seed,
+                      features=args.features)  # fmt: skip
         write_json_atomic(run / "config.json", config)
         write_json_atomic(run / "summary.json", summary)
     print(f"{results['queries']} queries in {results['wall_seconds']:.1f} s"
           + (f"; summaries in {workdir}" if workdir is not None else ""))  # fmt: skip
+
+
+def check_knn_source(args):
+    """Either raw pixels (--data and --image-size) or a run's features (--features), whole."""
+    if args.features:
+        given = [f for f in ("data", "image_size", "train_examples", "seed")
+                 if getattr(args, f) is not None]  # fmt: skip
+        if given:
+            flags = ", ".join("--" + f.replace("_", "-") for f in given)
+            raise ScalingError(f"--features takes the run's data and subset; drop {flags}")
+        return
+    if args.data is None or args.image_size is None:
+        raise ScalingError("give --data and --image-size (raw pixels) or --features RUN_DIR")
+    if args.image_size < 1:
+        raise ScalingError(f"--image-size must be positive, got {args.image_size}")
+    if args.train_examples is not None and args.train_examples < 2:
+        raise ScalingError(f"--train-examples must be at least 2, got {args.train_examples}")
 
 
 def launch(args, config_args):
@@ -370,14 +396,21 @@ def build_parser():
                    "folder:DIR or tfds:NAME from disk, not in memory")  # fmt: skip
     p.add_argument("--out", help="directory for bench.json and README.md (the table)")
 
-    p = sub.add_parser("knn", help="the k-nearest-neighbours baseline on raw pixels")
-    p.add_argument("--data", required=True, help="a data source: digits, folder:PATH, tfds:NAME")
-    p.add_argument("--image-size", type=int, required=True)
+    p = sub.add_parser("knn", help="the k-nearest-neighbours baseline on raw pixels, or the "
+                       "k-NN probe of a trained run's features")  # fmt: skip
+    p.add_argument("--data", help="a data source: digits, folder:PATH, tfds:NAME")
+    p.add_argument("--image-size", type=int)
+    p.add_argument(
+        "--features",
+        metavar="RUN_DIR",
+        help="a trained run: k-NN on its penultimate "
+        "features, of the data it trained on (instead of --data, --image-size)",
+    )
     p.add_argument("--k", type=int, nargs="+", default=[1], help="one or more k (default 1)")
     p.add_argument("--distance", default="l2", help="l1, l2 (default) or cosine")
     p.add_argument("--vote", default="majority", help="majority (default) or distance (1/d)")
     p.add_argument("--train-examples", type=int, help="a stratified training subset")
-    p.add_argument("--seed", type=int, default=0, help="of the training subset and holdout")
+    p.add_argument("--seed", type=int, help="of the training subset and holdout (default 0)")
     p.add_argument("--query-chunk", type=int, default=256, help="queries per device step")
     p.add_argument("--train-chunk", type=int, help="training examples per step "
                    "(default: all; smaller streams them with a running top-k)")  # fmt: skip

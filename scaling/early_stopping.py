@@ -1,10 +1,10 @@
 """Early stopping on a validation split carved from the training data (never the test split).
 
-Every `early_stopping.every` steps (and at the last) the run measures the validation loss or accuracy (config
-`early_stopping.metric`). A value better than the best so far by more than `min_delta` is an
-improvement: it becomes the best, and a copy of the weights at that step is kept. After
-`patience` evaluations in a row without one, training stops, the best weights replace the last
-ones, and the run's final evaluation, checkpoint and summary are those of the best weights.
+Every `early_stopping.every` steps (and at the last) the run measures the validation loss or
+accuracy (config `early_stopping.metric`). A value better than the best so far by more than
+`min_delta` is an improvement: it becomes the best, and a copy of the weights at that step is
+kept. After `patience` evaluations in a row without one, training stops; the best weights then
+replace the last ones, and the run's final evaluation and summary are theirs.
 
 The tracker (best value, its step, evaluations waited) and the best weights live in the training
 state, so every checkpoint holds them and a resumed run makes the same decisions bit for bit; the

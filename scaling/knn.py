@@ -200,22 +200,25 @@ def pixels(images: np.ndarray) -> np.ndarray:
 
 def evaluate(
     ds, ks, distance: str, vote_by: str = "majority", *, query_chunk: int = 256,
-    train_chunk: int | None = None, train_eval: int = TRAIN_EVAL_EXAMPLES,
+    train_chunk: int | None = None, train_eval: int = TRAIN_EVAL_EXAMPLES, features=None,
 ) -> dict:  # fmt: skip
     """Test accuracy and leave-one-out training accuracy (on the first `train_eval` training
-    examples: a stratified prefix) of k-NN on a `Dataset`'s raw pixels, for each k in `ks`,
-    from one search with the largest k. Returns {k: (train_accuracy, test_accuracy)} and the
-    search's wall time and query count under the keys "wall_seconds" and "queries"."""
+    examples: a stratified prefix) of k-NN on a `Dataset`'s raw pixels, or on `features` (a
+    (train, test) pair of arrays, one row an example), for each k in `ks`, from one search with
+    the largest k. Returns {k: (train_accuracy, test_accuracy)} and the search's wall time and
+    query count under the keys "wall_seconds" and "queries"."""
     ks = sorted(set(ks))
     check_settings(ks, distance, vote_by, query_chunk, train_chunk)
-    train = pixels(ds.train_images)
+    if features is None:
+        features = pixels(ds.train_images), pixels(ds.test_images)
+    train, test = (np.asarray(f, np.float32) for f in features)
     n = len(train)
     if max(ks) > n - 1:
         raise ScalingError(f"k={max(ks)} needs at least {max(ks) + 1} training examples, got {n}")
     held = min(train_eval, n)
     search = dict(query_chunk=query_chunk, train_chunk=train_chunk)
     start = time.perf_counter()
-    test_d, test_i = neighbours(train, pixels(ds.test_images), max(ks), distance, **search)
+    test_d, test_i = neighbours(train, test, max(ks), distance, **search)
     own = np.arange(held, dtype=np.int32)
     train_d, train_i = neighbours(train, train[:held], max(ks), distance, exclude=own, **search)
     wall = time.perf_counter() - start
@@ -231,19 +234,20 @@ def evaluate(
     return out | {"wall_seconds": wall, "queries": len(test_d) + held}
 
 
-def model_name(distance: str, k: int) -> str:
-    return f"knn_{distance}_k{k}"
+def model_name(distance: str, k: int, features_of: str | None = None) -> str:
+    """knn_l2_k5 on pixels; knn_l2_k5_resnet20 on a resnet20 run's features."""
+    return f"knn_{distance}_k{k}" + (f"_{features_of}" if features_of else "")
 
 
 def summary(ds, dataset: str, image_size: int, k: int, distance: str, vote_by: str,
             accuracies: tuple[float, float], wall_seconds: float, queries: int,
-            seed: int) -> dict:  # fmt: skip
+            seed: int, features_of: str | None = None) -> dict:  # fmt: skip
     """summary.json for one k: the fields trained runs write (scaling.results.SUMMARY), where
     they apply, and k, distance, vote. A k-NN classifier has no parameters, steps or FLOP
-    count of a forward pass: those are 0."""
+    count of a forward pass: those are 0 (on a run's features too: the probe's own cost)."""
     train_acc, test_acc = accuracies
     return dict(
-        model=model_name(distance, k), dataset=dataset, params=0, flops=0, macs=0,
+        model=model_name(distance, k, features_of), dataset=dataset, params=0, flops=0, macs=0,
         activations=0, image_size=image_size, num_classes=ds.num_classes,
         train_examples=len(ds.train_labels), steps=0, train_accuracy=train_acc,
         test_accuracy=test_acc,

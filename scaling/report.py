@@ -27,7 +27,7 @@ SIZES = {  # inches; figures are DPI times these in pixels
     "generalization": (7, 4.5),
     "curves": (7, 4.5),
 }
-FIT_AXES = {"params": "family", "flops": "family", "train_examples": "arch"}  # x: grouped by
+FIT_AXES = {"params": "family", "flops": "family", "train_examples": "variant"}  # x: grouped by
 TABLE_HEADINGS = {
     "mflops": "MFLOP/image (XLA, forward)", "train_acc": "train acc", "test_acc": "test acc",
     "test_acc_std": "± std", "gap": "train-test gap", "wall_s": "wall s", "img_per_s": "images/s",
@@ -212,8 +212,8 @@ def pareto(done, out, laws):
             if law and law["fit"].converged:
                 grid = np.geomspace(rows[x].min(), rows[x].max(), 100)
                 ax.plot(grid, 1 - law["fit"](grid), "--", color=points.get_facecolor()[0])
-        if done.arch.nunique() <= 16:  # name each architecture at its mean over seeds
-            means = done[done[x] > 0].groupby("arch")[[x, "test_accuracy"]].mean()
+        if done.variant.nunique() <= 16:  # name each architecture at its mean over seeds
+            means = done[done[x] > 0].groupby("variant")[[x, "test_accuracy"]].mean()
             for arch, mean in means.iterrows():
                 ax.annotate(arch, (mean[x], mean.test_accuracy), fontsize=6, alpha=0.8,
                             xytext=(3, -8), textcoords="offset points")  # fmt: skip
@@ -227,7 +227,7 @@ def data_efficiency(done, out, laws):
     if "train_examples" not in done or done.train_examples.nunique() < 2:
         return None
     fig, ax = figure("data_efficiency")
-    for arch, rows in done.groupby("arch"):
+    for arch, rows in done.groupby("variant"):
         stats = rows.groupby("train_examples").test_accuracy.agg(["mean", "std"]).fillna(0)
         line = ax.errorbar(
             stats.index, stats["mean"], yerr=stats["std"], marker="o", capsize=3, label=arch
@@ -244,10 +244,10 @@ def data_efficiency(done, out, laws):
 
 
 def generalization(done, out):
-    if done.arch.nunique() < 2:
+    if done.variant.nunique() < 2:
         return None
     fig, ax = figure("generalization")
-    for arch, rows in done.groupby("arch"):
+    for arch, rows in done.groupby("variant"):
         stats = rows.groupby("train_examples")[["train_accuracy", "generalization_gap"]].agg(
             ["mean", "std"]
         )
@@ -279,15 +279,15 @@ def training_curve(trial_dir) -> pd.DataFrame:
 
 def curves(df, out):
     fig, ax = figure("curves")
-    colors = {arch: f"C{i % 10}" for i, arch in enumerate(sorted(df.arch.dropna().unique()))}
+    colors = {v: f"C{i % 10}" for i, v in enumerate(sorted(df.variant.dropna().unique()))}
     labelled, drawn = set(), False
     for _, trial in df.iterrows():
         train = training_curve(trial.path)
         if train.empty:
             continue
-        label = None if trial.arch in labelled else trial.arch
-        labelled.add(trial.arch)
-        ax.plot(train.step, train.loss, lw=1, alpha=0.7, label=label, color=colors[trial.arch])
+        label = None if trial.variant in labelled else trial.variant
+        labelled.add(trial.variant)
+        ax.plot(train.step, train.loss, lw=1, alpha=0.7, label=label, color=colors[trial.variant])
         drawn = True
     if not drawn:
         plt.close(fig)

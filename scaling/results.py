@@ -15,7 +15,7 @@ import pandas as pd
 
 from scaling import ScalingError
 from scaling.rundir import read_index, read_json, read_metrics, warn
-from scaling.sweep import trial_name
+from scaling.sweep import label, trial_name
 
 # The summary fields every finished row carries (see train.train).
 SUMMARY = (
@@ -137,7 +137,9 @@ def axis_columns(overrides: dict) -> dict:
     share it; model settings keep their prefix (model.width); the model's name is `model`."""
     lasts = [k.rsplit(".", 1)[-1] for k in overrides]
     return {
-        key if key.startswith("model.") or lasts.count(last) > 1 else last: value
+        key if key.startswith("model.") or lasts.count(last) > 1 else last: (
+            label(value) if isinstance(value, dict) else value  # a sub-config: {"name": "adamw"}
+        )
         for (key, value), last in zip(overrides.items(), lasts, strict=True)
         if key != "model.name"
     }
@@ -179,7 +181,28 @@ def load(*directories) -> pd.DataFrame:
     df.attrs["index"] = index  # the sweep index records, read (and warned about) once
     if "test_accuracy" in df:
         df["test_error"] = 1 - df["test_accuracy"]
+    df["variant"] = variants(df)
     return df
+
+
+DATA_AXES = ("seed", "train_examples", "data_fraction")  # what a line or point averages over
+
+
+def variants(df: pd.DataFrame) -> pd.Series:
+    """Each trial's architecture, and the settings that tell apart trials of one architecture
+    (the seed and data size aside), e.g. 'resnet20, stochastic_depth=0.5': what a line of a
+    figure or a named point stands for."""
+    columns = [c for c in df if c.startswith("model.")] + [
+        c for c in df.attrs.get("axes", []) if c not in DATA_AXES and c in df
+    ]
+    shown = df[columns].map(lambda v: label(v) if isinstance(v, list | dict) or pd.notna(v) else v)
+    out = df.arch.astype(str)
+    for _, rows in shown.groupby(df.arch.astype(str)):
+        varying = [c for c in columns if rows[c].nunique(dropna=False) > 1]
+        for i, row in rows[varying].iterrows():
+            parts = [f"{c.removeprefix('model.')}={v}" for c, v in row.items() if pd.notna(v)]
+            out[i] = ", ".join([out[i], *parts])
+    return out
 
 
 def curves(trial_dir) -> pd.DataFrame:

@@ -104,13 +104,14 @@ class Trial:
     config: ml_collections.ConfigDict
 
 
-def _label(value) -> str:
+def label(value) -> str:
+    """A setting's value as a short name part: 0.1, 1x1x2, adamw (a sub-config's values)."""
     if isinstance(value, float):
         return f"{value:.8g}"
     if isinstance(value, list | tuple):
-        return "x".join(map(_label, value))
+        return "x".join(map(label, value))
     if isinstance(value, dict):  # a whole sub-config, e.g. {"name": "adamw"}: its values
-        return "+".join(map(_label, value.values()))
+        return "+".join(map(label, value.values()))
     return str(value)
 
 
@@ -118,7 +119,7 @@ def trial_name(overrides: dict) -> str:
     """A readable, stable directory name, e.g. 'name=wrn16_4,seed=0'."""
     short = [key.rsplit(".", 1)[-1] for key in overrides]
     parts = [
-        f"{s if short.count(s) == 1 else key}={_label(v)}"
+        f"{s if short.count(s) == 1 else key}={label(v)}"
         for (key, v), s in zip(overrides.items(), short, strict=True)
     ]
     name = re.sub(r"[^A-Za-z0-9._=,+-]", "_", ",".join(parts)) or "base"

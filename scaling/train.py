@@ -32,8 +32,8 @@ from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from scaling import Diverged, ScalingError, Stopped, data, flops, models, pretrained, rundir
-from scaling import early_stopping as early
 from scaling import checkpoints as ckpt
+from scaling import early_stopping as early
 from scaling.config import check_training_config
 from scaling.optim import make_optimizer
 from scaling.pipeline import data_on_device, evaluate, global_batches, pixel_statistics

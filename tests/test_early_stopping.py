@@ -63,7 +63,7 @@ def test_validation_is_carved_from_training_stratified():
     rest, validation = early.carve_validation(ds, 0.1)
     n = len(ds.train_labels)
     assert len(rest.train_labels) + len(validation) == n and len(validation) == round(0.1 * n)
-    np.testing.assert_array_equal(validation.labels, ds.train_labels[len(rest.train_labels):])
+    np.testing.assert_array_equal(validation.labels, ds.train_labels[len(rest.train_labels) :])
     np.testing.assert_array_equal(validation[0][0], ds.train_images[len(rest.train_labels)])
     shares = np.bincount(validation.labels, minlength=10) / len(validation)
     overall = np.bincount(ds.train_labels, minlength=10) / n
@@ -84,7 +84,7 @@ def test_a_run_stops_and_reports_the_best_weights(tmp_path, tiny_config):
     summary = train(stopping_config(tiny_config), tmp_path / "run")
     stopping = summary["early_stopping"]
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
-    validation = {r["step"]: r["validation_accuracy"] for r in records if "validation_accuracy" in r}
+    validation = {r["step"]: r["validation_accuracy"] for r in records if "validation_loss" in r}
     tested = {}  # the first test record of each step: the final one (best weights) comes last
     for r in records:
         if "test_accuracy" in r:

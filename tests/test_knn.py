@@ -194,3 +194,29 @@ def test_command_bad_input(tmp_path, capsys):
         main([*digits[:-1], str(tmp_path)])
     assert "not empty" in capsys.readouterr().err
     assert [p.name for p in tmp_path.iterdir()] == ["other.txt"]
+
+
+def test_features_of_a_trained_run_are_its_classifiers_input(tmp_path, tiny_config, capsys):
+    from scaling import probe
+    from scaling.train import train
+
+    summary = train(tiny_config(), tmp_path / "run")
+    ds, train_features, test_features, _ = probe.run_features(tmp_path / "run")
+    assert train_features.shape == (len(ds.train_labels), 64)  # ResNet-8's pooled 64 channels
+    _, _, model, _ = probe.restore(tmp_path / "run")
+    logits = np.asarray(model.head(test_features))
+    accuracy = np.mean(logits.argmax(-1) == ds.test_labels)
+    assert accuracy == pytest.approx(summary["test_accuracy"], abs=1 / len(ds.test_labels))
+    main(["knn", "--features", str(tmp_path / "run"), "--k", "3", "--workdir",
+          str(tmp_path / "knn")])  # fmt: skip
+    probe_summary = json.loads((tmp_path / "knn" / "summary.json").read_text())
+    assert probe_summary["model"] == "knn_l2_k3_resnet8"
+    assert probe_summary["train_examples"] == summary["train_examples"]
+    expected = knn.predict(train_features, ds.train_labels, test_features, k=3)
+    assert probe_summary["test_accuracy"] == pytest.approx(np.mean(expected == ds.test_labels))
+    with pytest.raises(SystemExit) as exit:
+        main(["knn", "--features", str(tmp_path / "run"), "--data", "digits"])
+    assert exit.value.code == 2 and "drop --data" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit:
+        main(["knn", "--features", str(tmp_path / "none")])
+    assert exit.value.code == 2 and "no training run there" in capsys.readouterr().err

@@ -156,7 +156,7 @@ def test_data_efficiency_figure_draws_fitted_curves(tmp_path):
 
     rng = np.random.default_rng(0)
     rows = [
-        dict(arch=arch, family=arch, train_examples=n, seed=seed,
+        dict(arch=arch, variant=arch, family=arch, train_examples=n, seed=seed,
              test_error=scale * (n / 100) ** -0.5 + 0.1 + rng.normal(0, 0.002))
         for arch, scale in [("conv", 0.4), ("attention", 0.8)]
         for n in [100, 300, 1000, 3000]
@@ -399,3 +399,21 @@ def test_report_of_a_sweep_whose_every_file_is_corrupt(tmp_path, capsys):
     for name in ["seed=0", "seed=1", "seed=2"]:
         assert f"- `{name}` unreadable summary.json" in text
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_variants_tell_apart_trials_of_one_architecture():
+    import pandas as pd
+
+    df = pd.DataFrame(
+        dict(
+            arch=["resnet20", "resnet20", "resnet20", "wrn16_2", "wrn16_2"],
+            seed=[0, 1, 0, 0, 1],
+            train_examples=[100, 100, 100, 100, 200],
+            **{"model.stochastic_depth": [None, None, 0.5, None, None]},
+            optimizer=["sgd", "sgd", "sgd", "adamw", "adamw"],
+        )
+    )
+    df.attrs["axes"] = ["train_examples", "optimizer"]
+    assert list(results.variants(df)) == [
+        "resnet20", "resnet20", "resnet20, stochastic_depth=0.5", "wrn16_2", "wrn16_2"
+    ]  # fmt: skip
