@@ -31,8 +31,10 @@ RECIPES = {
 NETWORKS = [
     (dict(name="lenet5"), "plain"),  # 1998: convolution, pooling, a small dense head
     # 2012: depth, ReLU, dropout. Its 11x11/4 stem needs 63 pixels or more: CIFAR upsampled to
-    # 64; a quarter of the width and 1024-wide dense layers (61M parameters would not fit).
+    # 64; half the width and 1024-wide dense layers (61M parameters would not fit).
     (dict(name="alexnet", width_multiplier=0.5, hidden=1024, image_size=64), "plain"),
+    # 2013: ZFNet, AlexNet with a 7x7/2 stem and 5x5/2 second conv; the same cuts.
+    (dict(name="zfnet", width_multiplier=0.5, hidden=1024, image_size=64), "plain"),
     (dict(name="vgg11_cifar", width_multiplier=0.5), "plain"),  # 2014: stacks of 3x3 convs
     (dict(name="vgg11_bn_cifar", width_multiplier=0.5), "batchnorm"),  # 2015: BatchNorm
     (dict(name="googlenet", width_multiplier=0.5, aux_logits=True), "batchnorm"),  # 2014
