@@ -44,6 +44,7 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import importlib.util
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -296,18 +297,22 @@ def nested_subset_order(labels: np.ndarray, seed: int) -> np.ndarray:
 
 
 def _carve(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (kept, held out) that split off a stratified `fraction` as the test split."""
-    from sklearn.model_selection import train_test_split  # lazy: decode workers never need it
-
-    try:
-        kept, held = train_test_split(
-            np.arange(len(labels)), test_size=fraction, stratify=labels, random_state=seed
-        )
-    except ValueError as error:  # e.g. a class with a single example
-        raise ScalingError(
-            f"cannot hold out a stratified {fraction:g} of train: {error}"
-        ) from error
-    return np.sort(kept), np.sort(held)
+    """Indices (kept, held out) that split off a stratified `fraction` (rounded up) as the test
+    split: the tail of `nested_subset_order`, so each class is within one example of its share
+    on both sides. Every class needs two examples, and each side one per class, as for
+    scikit-learn's `train_test_split` (whose import cost every training process on digits 2 s).
+    """
+    classes, counts = np.unique(labels, return_counts=True)
+    held_count = math.ceil(round(fraction * len(labels), 6))  # 0.2 * 1797 = 359.4 -> 360
+    problem = None
+    if counts.min() < 2:
+        problem = f"class {classes[counts.argmin()]} has a single example"
+    elif min(held_count, len(labels) - held_count) < len(classes):
+        problem = f"each side needs one example of each of the {len(classes)} classes"
+    if problem:
+        raise ScalingError(f"cannot hold out a stratified {fraction:g} of train: {problem}")
+    order = nested_subset_order(labels, seed)
+    return np.sort(order[:-held_count]), np.sort(order[-held_count:])
 
 
 def _load_digits(size: int) -> Splits:

@@ -229,7 +229,7 @@ tanh_sum = jax.jit(lambda x: (jnp.tanh(x).reshape(4096, 4096) @ jnp.ones(4096)).
 for _ in range(3):
     jax.block_until_ready(tanh_sum(x))
 faults = []
-for _ in range(5):
+for _ in range(15):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     jax.block_until_ready(tanh_sum(x))
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -240,8 +240,10 @@ print(min(faults))
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the malloc settings are glibc's")
 def test_freed_buffers_are_reused_without_page_faults(monkeypatch):
     # By default every call's buffer is a fresh mmap, faulted in page by page: 16,384 pages of
-    # 4 KB. Kept, it comes back from the heap. The fewest of five calls: now and then this shared
-    # host reclaims idle pages of its own accord, and a call faults some back in.
+    # 4 KB. Kept, it comes back from the heap. The fewest of 15 calls: with the other cores busy,
+    # a call's buffers can be freed by XLA's threads after the next call has allocated its own,
+    # so the heap grows (and faults) for the first few to eight calls, then serves every call
+    # (measured beside a training process: faults in calls 1-8, then none).
     monkeypatch.setenv("SCALING_MALLOPT", "0")
     assert int(run_python(PAGE_FAULTS)) >= 16_384
     monkeypatch.delenv("SCALING_MALLOPT")
