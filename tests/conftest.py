@@ -91,3 +91,18 @@ def scaling_cli(*args, timeout=300):
         timeout=timeout,
         cwd=ROOT,
     )
+
+
+def one_line_exit_2(argv, capsys) -> str:
+    """Run the command line in this process (no JAX start-up to pay, unlike `scaling_cli`); the
+    one stderr line it must fail with."""
+    from scaling import cli
+
+    with pytest.raises(SystemExit) as end:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert end.value.code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"scaling {argv[0]}: error: "), err
+    return lines[0]

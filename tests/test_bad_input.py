@@ -7,11 +7,9 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import TRAIN_CONFIG
+from conftest import TRAIN_CONFIG, one_line_exit_2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from scaling import cli
 
 TINY = f"{TRAIN_CONFIG}:model=resnet8,image_size=8,steps=3,batch_size=32"
 STUDY = """
@@ -28,18 +26,6 @@ def get_config(arg=None):
 
 def files(root: Path) -> dict:
     return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
-
-
-def one_line_exit_2(argv, capsys) -> str:
-    """Run the command line in this process; the one stderr line it must fail with."""
-    with pytest.raises(SystemExit) as end:
-        cli.main(argv)
-    err = capsys.readouterr().err
-    assert end.value.code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    assert lines[0].startswith(f"scaling {argv[0]}: error: "), err
-    return lines[0]
 
 
 @pytest.fixture

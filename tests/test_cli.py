@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import TRAIN_CONFIG, scaling_cli
+from conftest import TRAIN_CONFIG, one_line_exit_2, scaling_cli
 
 from scaling import ScalingError
 from scaling.config import load_config, parse_arg
@@ -41,11 +41,15 @@ def test_info_defaults_to_the_model_resolution_and_takes_settings():
         (["train", "--config", f"{TRAIN_CONFIG}:colour=red", "--workdir", "x"], "keys: model"),
     ],
 )
-def test_bad_input_is_one_line_and_exit_2(args, message):
-    out = scaling_cli(*args)
-    assert out.returncode == 2
+def test_bad_input_is_one_line_and_exit_2(args, message, capsys):
+    assert message in one_line_exit_2(args, capsys)
+
+
+def test_bad_input_from_the_installed_command():
+    out = scaling_cli("info", "resnet19")  # as a user's shell runs it: nothing else on stderr
+    assert out.returncode == 2 and out.stdout == ""
     lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], out.stderr
+    assert len(lines) == 1 and lines[0].startswith("scaling info: error: ") and "6n+2" in lines[0]
 
 
 def test_train_command_runs_and_resumes(tmp_path):

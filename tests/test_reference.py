@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 import reference
-from conftest import TRAIN_CONFIG, scaling_cli
+from conftest import TRAIN_CONFIG, one_line_exit_2, scaling_cli
 from flax import nnx
 
 from scaling import ScalingError, convert, models, pretrained
@@ -116,7 +116,7 @@ def test_import_command_and_fine_tuning_from_it(tmp_path, capsys):
     np.testing.assert_array_equal(rest["stem_norm"]["var"], tensors["bn1.running_var"])
 
 
-def test_import_and_init_from_refuse_bad_input_before_any_work(tmp_path):
+def test_import_and_init_from_refuse_bad_input_before_any_work(tmp_path, capsys):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "mine.txt").write_text("keep")
     weights = tmp_path / "w.safetensors"
@@ -131,9 +131,7 @@ def test_import_and_init_from_refuse_bad_input_before_any_work(tmp_path):
           str(tmp_path / "none"), "--workdir", str(tmp_path / "run")), "pretrained.json"),
     ]  # fmt: skip
     for args, message in cases:
-        done = scaling_cli(*args)
-        lines = done.stderr.strip().splitlines()
-        assert done.returncode == 2 and len(lines) == 1 and message in lines[0], done.stderr
+        assert message in one_line_exit_2(list(args), capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full", "w.safetensors"]
     assert (tmp_path / "full" / "mine.txt").read_text() == "keep"
 

@@ -16,6 +16,7 @@ from flax import nnx
 from scaling import ScalingError, convert, data, models
 from scaling.models import layers, resnet, vit
 from scaling.models.stack import Stack
+from scaling.ops import onednn
 
 # Trainable parameters (BatchNorm statistics excluded): torchvision 0.29's and timm 1.0's models
 # counted with torch; the CIFAR ResNeXt-29s from facebookresearch/ResNeXt models/resnext.lua
@@ -165,6 +166,36 @@ def test_tiny_se_resnext_learns_digits():
         params, rest, opt_state, loss = step(params, rest, opt_state, images[batch], labels[batch])
         losses.append(float(loss))
     assert np.mean(losses[-4:]) < 0.7 * np.mean(losses[:4]), losses
+
+
+@pytest.mark.skipif(not onednn.available(), reason="oneDNN (the cpu extra) is not installed")
+def test_grouped_convolutions_run_as_onednns_with_xlas_values(monkeypatch):
+    """On CPU a ResNeXt's grouped 3x3 convolutions are oneDNN's (XLA:CPU's grouped convolution
+    trained ResNeXt-29 8x16d 14x slower), with XLA's loss and gradients to float rounding."""
+    settings = dict(width_multiplier=0.25, base_width=8, depth_multiplier=0.3, num_classes=10)
+    model = initialised(models.abstract("resnext29_8x64d", **settings), drop_rate=0.0)
+    model.eval()  # running statistics: nothing to update
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    x = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
+    grouped, conv = [], onednn.conv
+
+    def spy(lhs, rhs, *args):
+        grouped.append(rhs.shape[2] < lhs.shape[3])
+        return conv(lhs, rhs, *args)
+
+    monkeypatch.setattr(onednn, "conv", spy)
+
+    def loss_and_grads():  # traced afresh each call
+        loss = lambda p: jnp.sum(jnp.sin(nnx.merge(graphdef, p, rest)(x)))  # noqa: E731
+        return jax.jit(jax.value_and_grad(loss))(params)
+
+    (ours, ours_grads) = loss_and_grads()
+    assert sum(grouped) == 3  # one block a stage, each with one grouped 3x3 convolution
+    with onednn.disabled():
+        (xlas, xlas_grads) = loss_and_grads()
+    assert float(ours) == pytest.approx(float(xlas), rel=1e-5)
+    for a, b in zip(jax.tree.leaves(ours_grads), jax.tree.leaves(xlas_grads), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
 
 
 # --------------------------------------------------------------------------------------------

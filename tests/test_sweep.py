@@ -166,8 +166,9 @@ def test_failing_trial_does_not_stop_the_others(tmp_path):
 
 
 def test_two_processes_equal_one(tmp_path, digits_tree):
-    """Two JAX processes (one CPU device each, gloo collectives) = one process, same batch:
-    reading the data into memory, or decoding their shares from disk."""
+    """Two JAX processes (one CPU device each, gloo collectives) = one process, same batch, each
+    decoding its share from disk. The in-memory reading splits its batches across processes with
+    the same code (`pipeline`); the 8-device test covers the batches gathered on the devices."""
     config = "configs/train.py:model=resnet8,image_size=16,steps=6,batch_size=64,lr=0.01"
     base = [sys.executable, "-m", "scaling.cli", "train", "--config", config,
             f"--config.dataset=folder:{digits_tree}", "--config.log_every=1",
@@ -176,9 +177,7 @@ def test_two_processes_equal_one(tmp_path, digits_tree):
                          capture_output=True, text=True, timeout=240)  # fmt: skip
     assert one.returncode == 0, one.stderr
     expected = [r["loss"] for r in read_metrics(tmp_path / "one" / "metrics.jsonl") if "loss" in r]
-    # The memory and device readings share their code across processes with the stream's;
-    # the 8-device test covers the batches gathered on the devices.
-    for reading, flags in [("memory", []), ("stream", ["--config.stream=True"])]:
+    for reading, flags in [("stream", ["--config.stream=True"])]:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
