@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import TRAIN_CONFIG
+from conftest import TRAIN_CONFIG, initialised
 from flax import nnx
 
 from scaling import ScalingError, data, flops, models
@@ -203,8 +203,11 @@ def test_each_layout_learns_digits(digits):
     layouts = ("CCCC", "CCCT", "CCTT", "CTTT")
     graphdefs, params, rest = {}, {}, {}
     for layout in layouts:
-        model = models.create(
-            "coatnet", layout=layout, image_size=16, small_images=True, num_classes=10, **TINY
+        model = initialised(
+            models.abstract(
+                "coatnet", layout=layout, image_size=16, small_images=True, num_classes=10, **TINY
+            ),
+            drop_rate=0.0,
         )
         model.train()
         graphdefs[layout], params[layout], rest[layout] = nnx.split(model, nnx.Param, ...)

@@ -15,10 +15,10 @@ import jax
 import numpy as np
 import pytest
 import reference
-from conftest import TRAIN_CONFIG, one_line_exit_2, scaling_cli
+from conftest import TRAIN_CONFIG, initialised, one_line_exit_2
 from flax import nnx
 
-from scaling import ScalingError, convert, models, pretrained
+from scaling import ScalingError, cli, convert, models, pretrained
 from scaling.config import load_config
 from scaling.models import resnet
 from scaling.rundir import read_metrics
@@ -93,9 +93,8 @@ def test_import_command_and_fine_tuning_from_it(tmp_path, capsys):
     tensors = reference.draw(fixture["tensors"], fixture["seed"])
     save_file(tensors, tmp_path / "resnet18.safetensors")
     out = tmp_path / "imported"
-    done = scaling_cli("import", str(tmp_path / "resnet18.safetensors"), "--model", "resnet18",
-                       "--out", str(out))  # fmt: skip
-    assert done.returncode == 0, done.stderr
+    weights = str(tmp_path / "resnet18.safetensors")
+    cli.main(["import", weights, "--model", "resnet18", "--out", str(out)])  # a failure exits
     assert json.loads((out / "pretrained.json").read_text())["settings"]["num_classes"] == 1000
 
     config = load_config(f"{TRAIN_CONFIG}:model=resnet18,image_size=16,steps=48,batch_size=32")
@@ -106,7 +105,7 @@ def test_import_command_and_fine_tuning_from_it(tmp_path, capsys):
     # Random weights, not trained ones: 3.3 -> 1.5 and 54% test accuracy (chance is 10%).
     assert losses[-1] < 0.6 * losses[0] and summary["test_accuracy"] > 0.3
 
-    model = models.create("resnet18", num_classes=10)
+    model = initialised(models.abstract("resnet18", num_classes=10))
     _, params, rest = nnx.split(model, nnx.Param, ...)
     params, rest, fresh_head = pretrained.initial_state(out, params, rest, 16)
     assert fresh_head and params["head"]["kernel"].shape == (512, 10)

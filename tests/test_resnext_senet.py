@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import initialised
 from flax import nnx
 
 from scaling import ScalingError, convert, data, models
@@ -109,31 +110,6 @@ def test_names_and_defaults():
 def test_bad_names_and_settings_are_clear_errors(name, settings, message):
     with pytest.raises(ScalingError, match=re.escape(message)):
         models.abstract(name, **settings)
-
-
-def initialised(model, drop_rate=0.2, seed=0):
-    """An abstract ResNet given its initial values with numpy (He-normal kernels, unit norms,
-    every block dropping at `drop_rate`): much cheaper than initialising it with JAX here,
-    which compiles each initialiser for each shape."""
-    graphdef, state = nnx.split(model)
-    rng, flat = np.random.default_rng(seed), []
-    for path, var in nnx.to_flat_state(state):
-        x = var.get_value()
-        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
-            value = jax.random.split(jax.random.key(seed), x.shape)
-        elif path[-1] == "kernel":  # HWIO or (in, out): fan-in is all but the last axis
-            fan_in = math.prod(x.shape[-4:-1] if len(x.shape) >= 4 else x.shape[-2:-1])
-            value = rng.normal(0, math.sqrt(2 / fan_in), x.shape)
-        elif path[-1] in ("scale", "var"):
-            value = np.ones(x.shape)
-        elif isinstance(var, layers.DropRate):
-            value = np.full(x.shape, drop_rate)
-        else:  # biases, means, counts
-            value = np.zeros(x.shape)
-        if not jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
-            value = jax.device_put(np.asarray(value, x.dtype))  # no per-shape compilation
-        flat.append((path, var.replace(value)))
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
 def test_tiny_se_resnext_learns_digits():
