@@ -2,10 +2,9 @@
 
 Each figure is drawn only where the trials have the axes for it (a width x depth grid, several
 families, several training-set sizes, ...), so one command serves every study, finished or not.
-Scaling laws are saturating power laws fitted with scipy; a fit that fails says so.
+Scaling laws are saturating power laws (`scaling.laws`); a fit that fails says so.
 """
 
-import dataclasses
 import shutil
 from pathlib import Path
 
@@ -15,9 +14,9 @@ matplotlib.use("Agg")  # files only: no display on TPU VMs or CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-from scipy.optimize import curve_fit  # noqa: E402
 
 from scaling import ScalingError, results, rundir  # noqa: E402
+from scaling.laws import Fit, fit_power_law  # noqa: E402
 
 DPI = 100
 SIZES = {  # inches; figures are DPI times these in pixels
@@ -36,66 +35,6 @@ RUN_FILES = ("config.json", "summary.json", "metrics.jsonl")  # what a results c
 
 
 # ---- Scaling-law fits ----
-@dataclasses.dataclass
-class Fit:
-    """err = a * (x / x0 + d) ** -b + c, fitted to points (x, err). With x0 = min(x), `a` is the
-    reducible error at the smallest x and `d` is in units of x0; in the unscaled form
-    err = A * (x + D) ** -b + c, A = a * x0 ** b and D = d * x0."""
-
-    converged: bool
-    message: str = ""
-    x0: float = float("nan")
-    params: dict = dataclasses.field(default_factory=dict)
-    stderr: dict = dataclasses.field(default_factory=dict)
-    residuals: list = dataclasses.field(default_factory=list)
-
-    def __call__(self, x):
-        p = self.params
-        return p["a"] * (np.asarray(x, float) / self.x0 + p["d"]) ** -p["b"] + p["c"]
-
-
-def power_law(u, a, b, c, d=0.0):
-    return a * (u + d) ** -b + c
-
-
-def fit_power_law(x, err) -> Fit:
-    """Fit the saturating power law. Fewer than 4 distinct x values are refused; with 6 or more
-    `d` is fitted too, and if that fit fails, fitted again with d = 0. Non-convergence, an
-    unidentifiable parameter, error that does not fall with x, or an exponent smaller than its
-    standard error give converged=False and the reason."""
-    x, err = np.asarray(x, float), np.asarray(err, float)
-    distinct = len(np.unique(x))
-    if distinct < 4:
-        return Fit(False, f"needs 4 or more distinct x values, has {distinct}")
-    for free_d in [True, False] if distinct >= 6 else [False]:
-        fit = fit_once(x, err, free_d)
-        if fit.converged:
-            break
-    return fit
-
-
-def fit_once(x, err, free_d) -> Fit:
-    x0, names = x.min(), "abcd" if free_d else "abc"
-    guess = [max(err.max() - err.min(), 1e-3), 0.5, err.min() / 2] + [0.0] * free_d
-    bounds = ([0, 0, 0] + [0] * free_d, [10, 5, 1] + [10] * free_d)
-    try:
-        popt, pcov = curve_fit(power_law, x / x0, err, p0=guess, bounds=bounds, maxfev=20000)
-    except (RuntimeError, ValueError) as e:
-        return Fit(False, f"did not converge: {str(e).splitlines()[0]}", x0)
-    stderr = np.sqrt(np.diag(pcov))
-    params = dict(zip(names, map(float, popt), strict=True)) | ({} if free_d else {"d": 0.0})
-    fit = Fit(True, "", float(x0), params, dict(zip(names, map(float, stderr), strict=True)))
-    fit.residuals = [float(r) for r in err - fit(x)]
-    if not np.all(np.isfinite(stderr)):
-        return dataclasses.replace(fit, converged=False, message="parameters not identifiable")
-    if popt[0] < 1e-6 or popt[1] < 1e-3:
-        return dataclasses.replace(fit, converged=False, message="error does not fall with x")
-    if stderr[1] > popt[1]:
-        message = f"exponent undetermined (b = {popt[1]:.2g} ± {stderr[1]:.2g})"
-        return dataclasses.replace(fit, converged=False, message=message)
-    return fit
-
-
 def fits(done: pd.DataFrame) -> list[dict]:
     """Test-error power laws per group (family or architecture, and any other axis the study
     varies, such as the dataset), for every x that varies enough to fit."""
