@@ -101,6 +101,7 @@ def match_params(layout, target_params, *, depths=None, num_classes=1000, head_s
         steps = [head_size if k == "T" else 8 for k in kinds]
         return tuple(max(q, q * round(scale * r / q)) for r, q in zip(ratios, steps, strict=True))
 
+    @functools.cache  # the scan below rounds many scales to the same widths
     def params_at(dims, depths=depths):
         return count_params(
             layout, depths, dims, num_classes=num_classes, head_size=head_size, **settings
@@ -114,7 +115,15 @@ def match_params(layout, target_params, *, depths=None, num_classes=1000, head_s
 
     if free_depth:  # ViT's 12 blocks at the nearest width, then the depth that fits it best
         widths = [(w,) for w in range(head_size, 4097, head_size)]
-        dims = min(widths, key=lambda d: error(params_at(d, (12,))))
+        low, high = 0, len(widths) - 1
+        while low < high:  # the narrowest width reaching the target (counts grow with width)
+            middle = (low + high) // 2
+            if params_at(widths[middle], (12,)) < target_params:
+                low = middle + 1
+            else:
+                high = middle
+        nearest = [widths[i] for i in sorted({max(low - 1, 0), low})]
+        dims = min(nearest, key=lambda d: error(params_at(d, (12,))))
         depths, params = best_depth(dims)
         return dict(layout=layout, depths=depths, dims=dims, params=params)
 
