@@ -30,7 +30,6 @@ import math
 
 import numpy as np
 from scipy import optimize, stats
-from scipy.optimize import curve_fit
 
 from scaling import ScalingError
 
@@ -98,7 +97,7 @@ FORMS = {
         lambda u, err: [np.log(err[0] - np.min(err) / 2), -0.3, np.min(err) / 2],
         lambda u, err: ([-np.inf, -10, 0], [np.inf, 0, _below(err)]),
         _m2,
-        lambda t, u, err: np.log(_m2(t, u) - t[2]) - np.log(err - t[2]),
+        lambda t, u, err: t[0] + t[1] * np.log(u) - np.log(err - t[2]),
     ),
     "M3": Form(
         ("log_beta", "c", "gamma"),
@@ -297,7 +296,9 @@ def fit_once(x, err, free_d) -> Fit:
     guess = [max(err.max() - err.min(), 1e-3), 0.5, err.min() / 2] + [0.0] * free_d
     bounds = ([0, 0, 0] + [0] * free_d, [10, 5, 1] + [10] * free_d)
     try:
-        popt, pcov = curve_fit(power_law, x / x0, err, p0=guess, bounds=bounds, maxfev=20000)
+        popt, pcov = optimize.curve_fit(
+            power_law, x / x0, err, p0=guess, bounds=bounds, maxfev=20000
+        )
     except (RuntimeError, ValueError) as e:
         return Fit(False, f"did not converge: {str(e).splitlines()[0]}", x0)
     stderr = np.sqrt(np.diag(pcov))
