@@ -120,6 +120,9 @@ def training_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.seed = arg["seed"]  # initialisation, data order, augmentation and dropout
 
     c.model = ml_collections.ConfigDict(dict(name=arg["model"]))
+    # Labels a study gives its trials (a scaling strategy, a FLOP budget): recorded with the run
+    # and shown as columns by `scaling report`; training never reads them.
+    c.tags = ml_collections.ConfigDict()
 
     c.dataset = arg["dataset"]  # digits | folder:PATH | tfds:NAME | synthetic
     c.image_size = arg["image_size"]  # images are resized to this: resolution is a scaling axis

@@ -87,6 +87,34 @@ def chain(*sweeps) -> list[dict]:
     return [trial for sweep in sweeps for trial in sweep]
 
 
+def strategies(model, names, budgets, image_size, *, num_classes=10, **settings) -> list[dict]:
+    """`model` (at `image_size`, with `settings`) grown by each scaling strategy of `names`
+    (`scaling.scale.STRATEGIES`: "w", "dWr", "compound", ...) to each of `budgets`, multiples of
+    its FLOPs, solved through the families' rounding rules (`scaling.scale.solve_for_flops`,
+    counted with `num_classes` classes; training takes the dataset's). Each trial sets the model,
+    its settings and the image size, and is labelled `tags.strategy` and `tags.budget`; chain
+    `fixed({"model.name": model, ...})` for the base."""
+    from scaling import flops, models, scale
+
+    settings["num_classes"] = num_classes
+    built = image_size if models.family_of(model).resolution_dependent else None
+    base = models.abstract(model, image_size=built, **settings)
+    base_macs = flops.macs_and_activations(base, image_size)[0]
+    trials = []
+    for budget in budgets:  # the smaller budgets first: a study cut short has them all
+        for name in names:
+            solution = scale.solve_for_macs(
+                model, name, budget * base_macs, image_size, tol=1e-2, **settings
+            )
+            model_settings = {k: v for k, v in solution.settings.items() if k != "num_classes"}
+            trials.append(
+                {"model.name": model}
+                | {f"model.{k}": v for k, v in model_settings.items()}
+                | {"image_size": solution.image_size, "tags.strategy": name, "tags.budget": budget}
+            )
+    return trials
+
+
 def base_config(train_file, **variant) -> ml_collections.ConfigDict:
     """A study's base: the training config file with its argument string built from `variant`.
     With a `steps` budget, trials log 10 times and checkpoint 4 times over it, whatever its size."""
@@ -130,7 +158,7 @@ def trial_name(overrides: dict) -> str:
 
 def apply_overrides(base: ml_collections.ConfigDict, overrides: dict):
     """A copy of `base` with dotted-key overrides. Keys must exist, except model settings
-    (`model.*`), which the model's constructor validates."""
+    (`model.*`), which the model's constructor validates, and a trial's labels (`tags.*`)."""
     config = copy.deepcopy(base)
     for key, value in overrides.items():
         *path, leaf = key.split(".")
@@ -139,7 +167,7 @@ def apply_overrides(base: ml_collections.ConfigDict, overrides: dict):
             if part not in node:
                 raise ScalingError(f"trial override {key!r}: the config has no {part!r}")
             node = node[part]
-        if leaf not in node and path != ["model"]:
+        if leaf not in node and path not in (["model"], ["tags"]):
             raise ScalingError(f"trial override {key!r} names a key that does not exist")
         try:
             with config.unlocked():  # config files load locked; model settings may be new keys

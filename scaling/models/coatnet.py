@@ -63,6 +63,7 @@ from scaling.models.layers import (
 from scaling.models.registry import Family, register
 from scaling.ops.activations import gelu
 from scaling.ops.conv import conv_general_dilated_pointwise
+from scaling.scale import round_filters, round_repeats, round_resolution
 
 # name -> (blocks per stage L, channels D) for S0..S4, Table 3 of the paper.
 SIZES = {
@@ -474,6 +475,33 @@ def create(name, *, image_size=None, **settings):
     return CoAtNet(image_size=224 if image_size is None else image_size, **settings)
 
 
+def scale(name, settings, image_size, c):
+    """CoAtNet grown by the multipliers `c` (scaling.scale.apply): every stage's width times
+    c.width (a multiple of 8, of head_size in transformer stages), the blocks of S1-S4 times
+    c.depth rounded up (the two-layer stem S0 stays), the image side rounded (to a multiple of
+    the patch for VIT_REL, whose one stage is all of it)."""
+    layout = settings.get("layout", "CCTT")
+    if name != "coatnet":
+        depths, dims = SIZES.get(int(name.removeprefix("coatnet_")), SIZES[0])
+    else:
+        depths, dims = VIT_REL_DEFAULTS if layout == "VIT_REL" else SIZES[0]
+    depths, dims = settings.get("depths", depths), settings.get("dims", dims)
+    head_size, small = settings.get("head_size", 32), settings.get("small_images", False)
+    if layout == "VIT_REL":
+        depths = [round_repeats(depths[0], c.depth)]
+        dims = [round_filters(dims[0], c.width, divisor=head_size)]
+        return settings | dict(depths=depths, dims=dims), round_resolution(
+            image_size, c.resolution, divisor=patch_size(small)
+        )
+    kinds = "C" + layout  # the stem is convolutional
+    dims = [
+        round_filters(d, c.width, head_size if k == "T" else 8)
+        for k, d in zip(kinds, dims, strict=True)
+    ]
+    depths = [depths[0], *(round_repeats(d, c.depth) for d in depths[1:])]
+    return settings | dict(depths=depths, dims=dims), round_resolution(image_size, c.resolution)
+
+
 register(
     Family(
         name="coatnet",
@@ -484,5 +512,6 @@ register(
         image_size=lambda name: 224,
         names="coatnet_{0,1,2,3,4}, coatnet (settings layout, depths, dims)",
         resolution_dependent=True,  # relative-bias tables sized by each stage's map
+        scale=scale,
     )
 )

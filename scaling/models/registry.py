@@ -27,6 +27,9 @@ class Family:
     width: str | None = None  # the setting that multiplies the width
     depth: str | None = None  # the setting that multiplies the depth
     extra_settings: tuple[str, ...] = ()  # settings `build` takes besides the constructor's
+    # scale(name, settings, image_size, coefficients) -> (settings, image_size): for families
+    # whose widths and depths are absolute settings, not multipliers (scaling.scale.apply)
+    scale: Callable | None = None
 
     def matches(self, name: str) -> bool:
         return re.fullmatch(self.pattern, name) is not None

@@ -34,6 +34,7 @@ from scaling.models.layers import DropPath, Mlp, SelfAttention, linear_drop_rate
 from scaling.models.registry import Family, register
 from scaling.models.stack import apply_block, scan_blocks, unstack
 from scaling.ops import dense
+from scaling.scale import round_filters, round_repeats, round_resolution
 
 # name -> (width, depth, MLP width, heads), Table 1 of the paper; Ti and S from DeiT.
 SIZES = {
@@ -282,6 +283,19 @@ def default_image_size(name):
     return 224
 
 
+def scale(name, settings, image_size, c):
+    """ViT grown by the multipliers `c` (scaling.scale.apply): width and MLP width times
+    c.width with the head count kept (each head wider; the width a multiple of it), blocks times
+    c.depth rounded up, the image side to a multiple of the patch."""
+    m = re.fullmatch(r"vit_([a-z]+)(\d+)", name)
+    width, depth, mlp_dim, heads = SIZES.get(m[1], SIZES["b"])  # a bad size fails in create
+    s = dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=heads) | settings
+    s["width"] = round_filters(s["width"], c.width, divisor=s["num_heads"])
+    s["mlp_dim"] = max(1, round(s["mlp_dim"] * c.width))
+    s["depth"] = round_repeats(s["depth"], c.depth)
+    return s, round_resolution(image_size, c.resolution, divisor=int(m[2]))
+
+
 register(
     Family(
         name="vit",
@@ -292,5 +306,6 @@ register(
         image_size=default_image_size,
         names="vit_{ti,s,b,l,h}{patch} (e.g. vit_b16, vit_h14, vit_s4)",
         resolution_dependent=True,  # position embeddings: one per patch
+        scale=scale,
     )
 )
