@@ -1,11 +1,12 @@
-"""The `scaling` command: info, models, import, train, sweep, report, bench, knn and launch.
+"""The `scaling` command: info, models, import, train, sweep, report, predict, bench, knn, launch.
 
 scaling info MODEL [--image-size S] [--set KEY=VALUE ...]
 scaling models [PATTERN]
 scaling import SOURCE --model NAME --out DIR [--image-size S] [--source KIND] [--set KEY=VALUE]
 scaling train --config configs/train.py[:arg] [--config.KEY=VALUE ...] --workdir DIR
 scaling sweep --config configs/STUDY.py[:arg] --workdir DIR [--dry-run] [--parallel N]
-scaling report DIR [DIR ...] [--out OUT] [--notes NOTES.md]
+scaling report DIR [DIR ...] [--out OUT] [--notes NOTES.md] [--extrapolate K]
+scaling predict DIR [DIR ...] --at KEY=VALUE [KEY=VALUE ...] [--x flops|params|...]
 scaling bench [--models M ...] [--batch B] [--image-size S] [--steps N]
               [--compare torch] [--stream SOURCE]
 scaling knn --data SOURCE --image-size S --k K [K ...] --distance l1|l2|cosine
@@ -196,12 +197,18 @@ def sweep(args, config_args):
         sys.exit(1)
 
 
+def predict(args):
+    from scaling import predict as predictions
+
+    print(predictions.line(predictions.predict(args.dirs, predictions.parse_at(args.at), args.x)))
+
+
 def report(args):
     from scaling import report as reports
 
     if args.notes and not Path(args.notes).is_file():
         raise ScalingError(f"no such notes file: {args.notes}")
-    path = reports.write(args.dirs, args.out, notes=args.notes)
+    path = reports.write(args.dirs, args.out, notes=args.notes, extrapolate=args.extrapolate)
     print(f"report: {path}")
 
 
@@ -381,6 +388,17 @@ def build_parser():
     p.add_argument("dirs", nargs="+", metavar="DIR", help="sweep directories (finished or not)")
     p.add_argument("--out", help="where to write (default DIR/report); copies the run records")
     p.add_argument("--notes", help="a Markdown file placed at the top of REPORT.md")
+    p.add_argument(
+        "--extrapolate", type=int, default=0, metavar="K",
+        help="hold out each group's K largest sizes; score each law's predictions",
+    )  # fmt: skip
+
+    p = sub.add_parser("predict", help="a study's predicted error at an untrained size or model")
+    p.add_argument("dirs", nargs="+", metavar="DIR", help="sweep directories with finished trials")
+    p.add_argument("--at", nargs="+", required=True, metavar="KEY=VALUE",
+                   help="flops=4e8, or model.name=... [model.SETTING=...] [image_size=...]; "
+                   "other keys filter the trials (strategy=dWr)")  # fmt: skip
+    p.add_argument("--x", help="the size a configuration is placed by (default flops)")
 
     p = sub.add_parser("bench", help="training throughput, utilisation, and PyTorch twins")
     p.add_argument("--models", nargs="+", default=["resnet20", "wrn16_4", "efficientnet_b0",
@@ -451,7 +469,7 @@ def main(argv=None):
     args, rest = parser.parse_known_args(argv)
     commands = {"train": train, "sweep": sweep, "launch": launch}
     plain = {"info": info, "models": list_models, "import": import_weights, "report": report,
-             "bench": bench, "knn": knn}  # fmt: skip
+             "predict": predict, "bench": bench, "knn": knn}  # fmt: skip
     try:
         if args.command in ("train", "info"):
             enable_compilation_cache()

@@ -252,6 +252,34 @@ def extrapolate(x, err, holdout: int, estimators=ESTIMATORS) -> dict:
     return dict(held_out=[float(s) for s in held_sizes], results=results, best=best)
 
 
+# ---- Shape-optimal scaling: how the best value of one dimension grows with compute ----
+def optimum(x, err) -> float:
+    """The `x` of least error along one shape dimension: the vertex of a parabola through the
+    best point and its two neighbours in log x, or the best measured x itself when it lies at
+    an end of the range (the optimum is then outside what was tried, and not extrapolated)."""
+    x, err = np.asarray(x, float), np.asarray(err, float)
+    order = np.argsort(x)
+    x, err = x[order], err[order]
+    best = int(np.argmin(err))
+    if best in (0, len(x) - 1):
+        return float(x[best])
+    u = np.log(x[best - 1 : best + 2])
+    a, b, _ = np.polyfit(u, err[best - 1 : best + 2], 2)
+    return float(np.exp(-b / (2 * a))) if a > 0 else float(x[best])
+
+
+def growth_exponent(compute, optima) -> tuple[float, float]:
+    """(s, its standard error) of optimum = k * compute**s, by least squares in log-log (the
+    exponents of Alabdulmohsin et al. 2023, "Getting ViT in shape"). Three or more compute
+    budgets are needed for an uncertainty."""
+    u, v = np.log(np.asarray(compute, float)), np.log(np.asarray(optima, float))
+    if len(np.unique(u)) < 3:
+        raise ScalingError(f"a growth exponent needs 3 or more compute budgets, got {len(u)}")
+    (slope, intercept), residual, *_ = np.polyfit(u, v, 1, full=True)
+    variance = (residual[0] if residual.size else 0.0) / (len(u) - 2)
+    return float(slope), float(np.sqrt(variance / np.sum((u - u.mean()) ** 2)))
+
+
 # ---- The saturating power law of `scaling report` ----
 @dataclasses.dataclass
 class Fit:

@@ -15,18 +15,18 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from scaling import ScalingError, results, rundir  # noqa: E402
+from scaling import ScalingError, laws, population, results, rundir  # noqa: E402
 from scaling.laws import Fit, fit_power_law  # noqa: E402
 
 DPI = 100
 SIZES = {  # inches; figures are DPI times these in pixels
     "heatmap": (11, 4.5),
-    "pareto": (15, 4.5),
+    "pareto": (19, 4.5),
+    "edf": (7, 4.5),
     "data_efficiency": (7, 4.5),
     "generalization": (7, 4.5),
     "curves": (7, 4.5),
 }
-FIT_AXES = {"params": "family", "flops": "family", "train_examples": "variant"}  # x: grouped by
 TABLE_HEADINGS = {
     "mflops": "MFLOP/image (XLA, forward)", "train_acc": "train acc", "test_acc": "test acc",
     "test_acc_std": "± std", "gap": "train-test gap", "wall_s": "wall s", "img_per_s": "images/s",
@@ -36,22 +36,36 @@ RUN_FILES = ("config.json", "summary.json", "metrics.jsonl")  # what a results c
 
 # ---- Scaling-law fits ----
 def fits(done: pd.DataFrame) -> list[dict]:
-    """Test-error power laws per group (family or architecture, and any other axis the study
-    varies, such as the dataset), for every x that varies enough to fit."""
-    out = []
-    model_axes = {"arch", "depth", "width", "train_examples", "data_fraction"}
-    others = [a for a in axes_of(done) if a not in model_axes]
-    for x, by in FIT_AXES.items():
-        if x not in done or done[x].nunique() < 2:
+    """Test-error power laws per group (`fit_groups`)."""
+    return [
+        dict(group=group, x=x, n=len(rows), fit=fit_power_law(rows[x], rows.test_error))
+        for x, group, rows in results.fit_groups(done)
+    ]
+
+
+def extrapolation_table(done: pd.DataFrame, holdout: int) -> str:
+    """Each estimator of `scaling.laws` fitted per group without its `holdout` largest sizes,
+    scored by the log-RMSE of its predictions of them; the best named, with what it predicted."""
+    rows = []
+    for x, group, points in results.fit_groups(done):
+        if points[x].nunique() <= holdout:
+            rows.append(dict(group=group, x=x, best=f"refused: {points[x].nunique()} sizes"))
             continue
-        for group, rows in done.groupby([by, *others], dropna=False):
-            if rows[x].nunique() < 2:
-                continue
-            label = ", ".join(map(str, group))
-            out.append(
-                dict(group=label, x=x, n=len(rows), fit=fit_power_law(rows[x], rows.test_error))
-            )
-    return out
+        check = laws.extrapolate(points[x], points.test_error, holdout)
+        row = dict(group=group, x=x, held_out=", ".join(f"{v:.3g}" for v in check["held_out"]))
+        for r in check["results"]:
+            row[r["name"]] = f"{r['log_rmse']:.3f}" if r["reason"] == "" else "no fit"
+        row["best"] = check["best"] or "none"
+        if check["best"]:
+            held = points[points[x].isin(check["held_out"])]
+            law = next(r["law"] for r in check["results"] if r["name"] == check["best"])
+            row["predicted"] = f"{law.predict(held[x]).mean():.4f}"
+            row["measured"] = f"{held.test_error.mean():.4f}"
+        rows.append(row)
+    if not rows:
+        return "No axis varies enough to fit."
+    reasons = "'no fit': the estimator was refused or did not converge on the points kept."
+    return markdown_table(pd.DataFrame(rows).fillna("")) + "\n\n" + reasons
 
 
 # ---- Tables ----
@@ -66,19 +80,11 @@ def pareto_front(points: pd.DataFrame, x: str, y: str = "test_accuracy") -> pd.D
     return ordered.loc[keep]
 
 
-def axes_of(df: pd.DataFrame) -> list[str]:
-    """The columns that tell the study's settings apart, the seed aside: the architecture, the
-    sweep's own axes, and the source and dataset when several are reported together."""
-    candidates = ["study", "dataset", "arch", "depth", "width", *df.attrs.get("axes", [])]
-    varying = [c for c in candidates if c in df and df[c].nunique(dropna=True) > 1]
-    return list(dict.fromkeys(["arch", *varying]))
-
-
 def summary_table(done: pd.DataFrame) -> pd.DataFrame:
     """Means (and the test accuracy's std) over seeds, one row per setting of the axes. Trials
     that differ in anything but the seed are never averaged: if the axes shown do not tell two
     settings apart, the setting's name is shown too."""
-    keys = axes_of(done)
+    keys = results.axes_of(done)
     show_setting = done.groupby(keys, dropna=False).setting.nunique().max() > 1
     grouped = done.groupby([*keys, "setting"], dropna=False)
     table = grouped.agg(
@@ -97,7 +103,7 @@ def summary_table(done: pd.DataFrame) -> pd.DataFrame:
 
 # ---- Figures ----
 def figure(name):
-    return plt.subplots(1, {"heatmap": 2, "pareto": 3}.get(name, 1), figsize=SIZES[name], dpi=DPI)
+    return plt.subplots(1, {"heatmap": 2, "pareto": 4}.get(name, 1), figsize=SIZES[name], dpi=DPI)
 
 
 def save(fig, out: Path, name: str) -> str:
@@ -129,12 +135,12 @@ def heatmap(done, out):
     return save(fig, out, "heatmap")
 
 
-def pareto(done, out, laws):
+def pareto(done, out, fitted):
     fig, axes = figure("pareto")
     for ax, x, label in zip(
         axes,
-        ["params", "flops", "wall_seconds"],
-        ["parameters", "FLOP/image (XLA, forward)", "wall seconds per trial"],
+        ["params", "flops", "activations", "wall_seconds"],
+        ["parameters", "FLOP/image (XLA, forward)", "activations/image", "wall seconds per trial"],
         strict=True,
     ):
         # A baseline without parameters or FLOPs (k-NN) has no place on a log axis: a line.
@@ -147,7 +153,7 @@ def pareto(done, out, laws):
             points = ax.scatter(rows[x], rows.test_accuracy, s=18, alpha=0.6, label=family)
             front = pareto_front(rows, x)
             ax.step(front[x], front.test_accuracy, where="post", color=points.get_facecolor()[0])
-            law = next((f for f in laws if f["x"] == x and f["group"] == str(family)), None)
+            law = next((f for f in fitted if f["x"] == x and f["group"] == str(family)), None)
             if law and law["fit"].converged:
                 grid = np.geomspace(rows[x].min(), rows[x].max(), 100)
                 ax.plot(grid, 1 - law["fit"](grid), "--", color=points.get_facecolor()[0])
@@ -162,7 +168,7 @@ def pareto(done, out, laws):
     return save(fig, out, "pareto")
 
 
-def data_efficiency(done, out, laws):
+def data_efficiency(done, out, fitted):
     if "train_examples" not in done or done.train_examples.nunique() < 2:
         return None
     fig, ax = figure("data_efficiency")
@@ -172,7 +178,7 @@ def data_efficiency(done, out, laws):
             stats.index, stats["mean"], yerr=stats["std"], marker="o", capsize=3, label=arch
         )
         law = next(
-            (f for f in laws if f["x"] == "train_examples" and f["group"] == str(arch)), None
+            (f for f in fitted if f["x"] == "train_examples" and f["group"] == str(arch)), None
         )
         if law and law["fit"].converged:
             grid = np.geomspace(stats.index.min(), stats.index.max(), 100)
@@ -201,6 +207,79 @@ def generalization(done, out):
            title="labels: training examples")  # fmt: skip
     ax.legend(fontsize=8)
     return save(fig, out, "generalization")
+
+
+def population_column(done):
+    """What tells populations apart: a study's `strategy` labels, else the family."""
+    return "strategy" if "strategy" in done and done.strategy.notna().any() else "family"
+
+
+def edf_figure(done, out):
+    by = population_column(done)
+    groups = [(name, rows) for name, rows in done.groupby(by) if len(rows) >= 3]
+    if not any(len(rows) >= 5 for _, rows in groups):
+        return None
+    fig, ax = figure("edf")
+    for name, rows in groups:
+        errors, cumulative = population.edf(rows.test_error)
+        ax.step(errors, cumulative, where="post", label=f"{name} (n={len(rows)})")
+    ax.set(xlabel="test error", ylabel="fraction of trials with lower error (EDF)")
+    ax.legend(fontsize=8)
+    return save(fig, out, "edf")
+
+
+def population_sections(done) -> list[str]:
+    """The populations' analysis: good ranges of the largest population's settings, training
+    time against FLOPs and activations, and each budget's winning strategy."""
+    lines = []
+    by = population_column(done)
+    largest = done[done[by] == done[by].value_counts().idxmax()]
+    model = [c for c in done if c.startswith("model.") or c in ("depth", "width")]
+    settings = list(dict.fromkeys([*done.attrs.get("axes", []), *model]))
+    if len(largest) >= 8 and not (ranges := population.good_ranges(largest, settings)).empty:
+        lines += ["## Good ranges", "", f"Of the {len(largest)} trials of `{by}` = "
+                  f"{largest[by].iloc[0]}: the 95% bootstrap interval of the best trial's value "
+                  "in draws of a quarter of them (Radosavovic et al. 2020).", "",
+                  markdown_table(ranges), ""]  # fmt: skip
+    timed = done[(done.flops > 0) & (done.activations > 0) & (done.images_per_second > 0)]
+    if len(timed) >= 3:
+        lines += ["## Training time against FLOPs and activations", "",
+                  "Pearson r of log seconds per training image with the log of each, over the "
+                  "finished trials, on the machine that ran them.", "",
+                  markdown_table(population.time_correlations(timed)), ""]  # fmt: skip
+    if {"strategy", "budget"} <= set(done) and done.budget.notna().any():
+        table = population.verdicts(done.dropna(subset=["budget"]))
+        lines += ["## Which strategy wins at each budget", "",
+                  "Test error, mean ± std over seeds; 'clear': the margin exceeds the larger "
+                  "seed std of the two best.", "", markdown_table(table), ""]  # fmt: skip
+    return lines
+
+
+def shape_section(done) -> list[str]:
+    """Shape-optimal scaling (a `sweep.star` study): per dimension, the optimum at each budget
+    and its growth exponent with training compute (3 x FLOPs x examples seen)."""
+    if "dimension" not in done or "budget" not in done:
+        return []
+    done = done.assign(compute=3 * done.flops * done.examples_seen)
+    rows = []
+    for dimension in sorted(set(done.dimension.dropna()) - {"centre"}):
+        column = results.axis_columns({dimension: None}).popitem()[0]
+        optima, compute = [], []
+        for _, trials in done[done.dimension.isin([dimension, "centre"])].groupby("budget"):
+            means = trials.groupby(column)[["test_error", "compute"]].mean().reset_index()
+            optima.append(laws.optimum(means[column], means.test_error))
+            compute.append(means.compute.median())
+        row = dict(dimension=dimension, optima=", ".join(f"{v:.4g}" for v in optima))
+        try:
+            exponent, stderr = laws.growth_exponent(compute, optima)
+            row["exponent"] = f"{exponent:.3f} ± {stderr:.3f}"
+        except ScalingError as refusal:
+            row["exponent"] = f"refused: {refusal}"
+        rows.append(row)
+    return ["## Shape-optimal scaling", "", "Per budget, the value of least error along each "
+            "dimension (a parabola in log x through the best point and its neighbours), and the "
+            "exponent s of optimum ~ compute^s with its standard error.", "",
+            markdown_table(pd.DataFrame(rows)), ""]  # fmt: skip
 
 
 def training_curve(trial_dir) -> pd.DataFrame:
@@ -252,9 +331,9 @@ def markdown_table(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def fit_table(laws) -> str:
+def fit_table(fitted) -> str:
     rows = []
-    for law in laws:
+    for law in fitted:
         fit = law["fit"]
         values = {k: f"{v:.3g} ± {fit.stderr[k]:.2g}" if k in fit.stderr else f"{v:.3g}"
                   for k, v in fit.params.items()}  # fmt: skip
@@ -325,11 +404,16 @@ def read_notes(notes) -> str:
         raise ScalingError(f"cannot read the notes file {notes} ({rundir.first_line(e)})") from None
 
 
-def write(directories, out=None, notes=None) -> Path:
+def write(directories, out=None, notes=None, extrapolate=0) -> Path:
     """REPORT.md, figures and runs.csv for the trials under `directories`, in `out`
-    (default: the first directory's report/). Returns the REPORT.md path. Bad input (a
+    (default: the first directory's report/); with `extrapolate` K, the held-out check of every
+    estimator on each group's K largest sizes. Returns the REPORT.md path. Bad input (a
     directory that is not one, an --out that cannot be, a notes file that cannot be read) is
     refused before anything is read or written; damaged trial files are skipped with warnings."""
+    if extrapolate < 0:
+        raise ScalingError(
+            f"--extrapolate must be >= 0 (largest sizes held out), got {extrapolate}"
+        )
     results.check_directories(directories)
     given, out = out is not None, Path(out or Path(directories[0]) / "report")
     check_output(out, given)
@@ -350,15 +434,21 @@ def write(directories, out=None, notes=None) -> Path:
         lines += [notes, ""]
     lines += ["## Status", "", *status_lines(df), ""]
     if not done.empty:
-        laws = fits(done)
+        fitted = fits(done)
         seconds = done.wall_seconds.sum()
         lines += [f"Training time of the finished trials: {seconds / 60:.1f} min in all.", ""]
         lines += ["## Results (means over seeds)", "", markdown_table(summary_table(done)), ""]
-        drawn = [heatmap(done, out), pareto(done, out, laws), data_efficiency(done, out, laws),
-                 generalization(done, out)]  # fmt: skip
+        drawn = [heatmap(done, out), pareto(done, out, fitted), data_efficiency(done, out, fitted),
+                 generalization(done, out), edf_figure(done, out)]  # fmt: skip
         lines += ["## Figures", ""] + [f"![{name}]({name})" for name in drawn if name] + [""]
+        lines += population_sections(done) + shape_section(done)
         lines += ["## Scaling-law fits", "", Fit.__doc__.strip().replace("\n    ", " "), ""]
-        lines += [fit_table(laws) if laws else "No axis varies enough to fit.", ""]
+        lines += [fit_table(fitted) if fitted else "No axis varies enough to fit.", ""]
+        if extrapolate:
+            lines += [f"## Extrapolation: the {extrapolate} largest sizes held out", "",
+                      "Log-RMSE of each estimator's predictions of the held-out points "
+                      "(scaling.laws: M1-M4 of Alabdulmohsin et al. 2022).", "",
+                      extrapolation_table(done, extrapolate), ""]  # fmt: skip
     if name := curves(df, out):
         lines += ["## Training curves", "", f"![{name}]({name})", ""]
     lines += ["Every trial: [runs.csv](runs.csv)."]

@@ -69,7 +69,7 @@ def row(trial_dir: Path, record: dict) -> dict:
     model.setdefault("layout", overrides.get("model.layout"))
     out.update(outcome(trial_dir, record))
     name = out["model"] if isinstance(out["model"], str) else ""
-    out["family"] = re.match(r"[a-z]*", name.removeprefix("preact_")).group()
+    out["family"] = family_name(name)
     out["arch"] = name
     if name == "coatnet":
         out["arch"] = f"coatnet-{model['layout']}"
@@ -80,6 +80,11 @@ def row(trial_dir: Path, record: dict) -> dict:
     if match := WRN.match(name):
         out["depth"], out["width"] = int(match[1]), int(match[2])
     return out
+
+
+def family_name(model: str) -> str:
+    """The family a report groups a model under: its name's leading letters (wrn16_4: wrn)."""
+    return re.match(r"[a-z]*", model.removeprefix("preact_")).group()
 
 
 def outcome(trial_dir: Path, record: dict) -> dict:
@@ -186,6 +191,7 @@ def load(*directories) -> pd.DataFrame:
 
 
 DATA_AXES = ("seed", "train_examples", "data_fraction")  # what a line or point averages over
+FIT_AXES = {"params": "family", "flops": "family", "train_examples": "variant"}  # x: grouped by
 
 
 def variants(df: pd.DataFrame) -> pd.Series:
@@ -203,6 +209,29 @@ def variants(df: pd.DataFrame) -> pd.Series:
             parts = [f"{c.removeprefix('model.')}={v}" for c, v in row.items() if pd.notna(v)]
             out[i] = ", ".join([out[i], *parts])
     return out
+
+
+def axes_of(df: pd.DataFrame) -> list[str]:
+    """The columns that tell the study's settings apart, the seed aside: the architecture, the
+    sweep's own axes, and the source and dataset when several are reported together."""
+    candidates = ["study", "dataset", "arch", "depth", "width", *df.attrs.get("axes", [])]
+    varying = [c for c in candidates if c in df and df[c].nunique(dropna=True) > 1]
+    return list(dict.fromkeys(["arch", *varying]))
+
+
+def fit_groups(done: pd.DataFrame):
+    """(x, group label, rows) for each x that varies enough to fit: per family (or architecture
+    for data), and per any other axis the study varies, such as the dataset."""
+    # Sizes along the law (resolution too) and a study's labels of its points are not groups.
+    model_axes = {"arch", "depth", "width", "image_size", "train_examples", "data_fraction"}
+    tags = {"strategy", "budget", "dimension"}
+    others = [a for a in axes_of(done) if a not in model_axes | tags]
+    for x, by in FIT_AXES.items():
+        if x not in done or done[x].nunique() < 2:
+            continue
+        for group, rows in done.groupby([by, *others], dropna=False):
+            if rows[x].nunique() >= 2:
+                yield x, ", ".join(str(g) for g in group if pd.notna(g)), rows
 
 
 def curves(trial_dir) -> pd.DataFrame:

@@ -115,6 +115,25 @@ def strategies(model, names, budgets, image_size, *, num_classes=10, **settings)
     return trials
 
 
+def star(centre: dict, vary: dict, budget_key: str, budgets) -> list[dict]:
+    """Shape-optimal scaling's design (Alabdulmohsin et al. 2023): at each of `budgets` (values
+    of `budget_key`, such as "steps"), the `centre` trial and, one key of `vary` at a time, the
+    centre with that key at each of its values. Labelled `tags.dimension` (the key varied, or
+    "centre") and `tags.budget`; `scaling report` fits each dimension's optimal growth with
+    compute."""
+    trials = []
+    for budget in budgets:
+        at = {budget_key: budget, "tags.budget": budget}
+        trials.append({**centre, **at, "tags.dimension": "centre"})
+        for key, values in vary.items():
+            trials += [
+                {**centre, key: v, **at, "tags.dimension": key}
+                for v in values
+                if v != centre.get(key)
+            ]
+    return trials
+
+
 def base_config(train_file, **variant) -> ml_collections.ConfigDict:
     """A study's base: the training config file with its argument string built from `variant`.
     With a `steps` budget, trials log 10 times and checkpoint 4 times over it, whatever its size."""

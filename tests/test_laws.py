@@ -77,3 +77,22 @@ def test_importing_the_laws_starts_neither_jax_nor_matplotlib():
     code = "import sys, scaling.laws; print(sorted({'jax', 'matplotlib'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_optimal_shape_and_its_growth_exponent_are_recovered():
+    """Error least at x* = 3 * C^0.4 along one dimension, for four compute budgets C: the
+    parabola in log x finds each x*, the log-log fit finds 0.4; noise widens its error bar."""
+    budgets = np.array([1e3, 1e4, 1e5, 1e6])
+    best = 3 * budgets**0.4
+    grid = np.geomspace(10, 1e4, 13)
+    optima = [laws.optimum(grid, (np.log(grid / b)) ** 2 + 0.1) for b in best]
+    np.testing.assert_allclose(optima, best, rtol=1e-9)
+    exponent, stderr = laws.growth_exponent(budgets, optima)
+    assert exponent == pytest.approx(0.4) and stderr < 1e-9
+    noisy = best * np.exp(np.random.default_rng(0).normal(0, 0.1, 4))
+    exponent, stderr = laws.growth_exponent(budgets, noisy)
+    assert 0.002 < stderr < 0.1 and abs(exponent - 0.4) < 3 * stderr
+    # An optimum at the end of what was tried is that end, not an extrapolation.
+    assert laws.optimum(grid, -np.log(grid)) == grid[-1]
+    with pytest.raises(ScalingError, match="3 or more compute budgets"):
+        laws.growth_exponent(budgets[:2], best[:2])

@@ -285,12 +285,12 @@ def default_image_size(name):
 
 def scale(name, settings, image_size, c):
     """ViT grown by the multipliers `c` (scaling.scale.apply): width and MLP width times
-    c.width with the head count kept (each head wider; the width a multiple of it), blocks times
+    c.width with the head count kept (each head wider, by multiples of 8 channels), blocks times
     c.depth rounded up, the image side to a multiple of the patch."""
     m = re.fullmatch(r"vit_([a-z]+)(\d+)", name)
     width, depth, mlp_dim, heads = SIZES.get(m[1], SIZES["b"])  # a bad size fails in create
     s = dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=heads) | settings
-    s["width"] = round_filters(s["width"], c.width, divisor=s["num_heads"])
+    s["width"] = round_filters(s["width"], c.width, divisor=8 * s["num_heads"])
     s["mlp_dim"] = max(1, round(s["mlp_dim"] * c.width))
     s["depth"] = round_repeats(s["depth"], c.depth)
     return s, round_resolution(image_size, c.resolution, divisor=int(m[2]))
