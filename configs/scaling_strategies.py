@@ -1,8 +1,8 @@
 """Study: which way to grow a network for a FLOP budget (Dollar, Singh & Girshick 2021)?
 
 WRN-16-1 (16-32-64 channels, two blocks per stage: 53.3 MFLOPs at 32x32) is grown by depth only (d), width only (w), resolution only (r),
-EfficientNet's compound scaling and the width-heavy fast compound scaling (dWr) to 2 and 4 times
-its FLOPs, each solved through the families' rounding rules
+EfficientNet's compound scaling and the width-heavy fast compound scaling (dWr) to 2, 3 and
+4 times its FLOPs, each solved through the families' rounding rules
 (`scaling.sweep.strategies`); every network trains with the same steps and recipe. Beside them,
 a random sample of the WRN design space (depth, width, resolution and learning rate) inside
 1-2x the base's FLOPs gives the error distribution (EDF) a study compares strategies against.
@@ -33,7 +33,7 @@ def get_config(arg=None):
         steps=150,  # 19,200 examples at batch 128: 0.38 CIFAR-10 epochs, what a CPU affords
         batch_size=128,
         seeds=2,
-        budgets="2+4",  # multiples of the base's FLOPs (8 doubles the CPU time); '+' separates
+        budgets="2+3+4",  # multiples of the base's FLOPs; '+' separates values
         strategies="d+w+r+compound+dWr",
         samples=30,
     )
