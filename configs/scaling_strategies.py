@@ -1,13 +1,13 @@
 """Study: which way to grow a network for a FLOP budget (Dollar, Singh & Girshick 2021)?
 
-WRN-16-1 (16-32-64 channels, two blocks per stage: 53.3 MFLOPs at 32x32) is grown by depth only (d), width only (w), resolution only (r),
-EfficientNet's compound scaling and the width-heavy fast compound scaling (dWr) to 2, 3 and
-4 times its FLOPs, each solved through the families' rounding rules
-(`scaling.sweep.strategies`); every network trains with the same steps and recipe. Beside them,
-a random sample of the WRN design space (depth, width, resolution and learning rate) inside
-1-2x the base's FLOPs gives the error distribution (EDF) a study compares strategies against.
-`scaling report DIR --extrapolate 1` then fits error against FLOPs on the smaller budgets and
-predicts the largest.
+WRN-16-1 (16-32-64 channels, two blocks per stage: 53.3 MFLOPs at 32x32) is grown by depth
+only (d), width only (w), resolution only (r), EfficientNet's compound scaling and the
+width-heavy fast compound scaling (dWr) to 2, 3 and 4 times its FLOPs, each solved through the
+families' rounding rules (`scaling.sweep.strategies`); every network trains with the same steps
+and recipe. Beside them, a random sample of the WRN design space (depth, width, resolution and
+learning rate) inside 1-2x the base's FLOPs gives the error distribution (EDF) a study compares
+strategies against. `scaling report DIR --extrapolate 5` then fits error against FLOPs without
+the five 4x networks and predicts them.
 
     scaling sweep --config configs/scaling_strategies.py --workdir runs/strategies --dry-run
 """
