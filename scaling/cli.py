@@ -1,4 +1,5 @@
-"""The `scaling` command: info, models, import, train, sweep, report, predict, bench, knn, launch.
+"""The `scaling` command: info, models, import, train, sweep, status, report, predict, bench, knn,
+launch.
 
 scaling info MODEL [--image-size S] [--set KEY=VALUE ...]
 scaling models [PATTERN]
@@ -7,6 +8,7 @@ scaling train --config configs/train.py[:arg] [--config.KEY=VALUE ...] --workdir
 scaling sweep --config configs/STUDY.py[:arg] --workdir DIR [--dry-run] [--parallel N]
 scaling report DIR [DIR ...] [--out OUT] [--notes NOTES.md] [--extrapolate K]
 scaling predict DIR [DIR ...] --at KEY=VALUE [KEY=VALUE ...] [--x flops|params|...]
+scaling status DIR
 scaling bench [--models M ...] [--batch B] [--image-size S] [--steps N]
               [--compare torch] [--stream SOURCE]
 scaling knn --data SOURCE --image-size S --k K [K ...] --distance l1|l2|cosine
@@ -195,6 +197,25 @@ def sweep(args, config_args):
         print(f"best: {best['name']} (test accuracy {best['test_accuracy']:.4f})")
     if set(states.values()) != {"done"}:
         sys.exit(1)
+
+
+def status(args):
+    """What a sweep directory holds, read from its index and the trials' metrics (no JAX)."""
+    from scaling import results, rundir
+    from scaling import sweep as sweeps
+
+    workdir = Path(args.dir)
+    if not (workdir / "trials.jsonl").is_file():
+        raise ScalingError(f"{workdir} is not a sweep directory (no trials.jsonl)")
+    records = rundir.read_index(workdir)
+    running = sum(r.get("state") == "running" for r in records.values())
+    print(f"{workdir}: {sweeps.progress(records, parallel=max(1, running))}")
+    for name, record in records.items():
+        if record.get("state") == "running":
+            step = results.progress(workdir / name / "metrics.jsonl").get("step", 0)
+            print(f"  running  {name}: step {step}")
+        elif record.get("state") in ("failed", "diverged"):
+            print(f"  {record['state']:<8} {name}: {record.get('error')}")
 
 
 def predict(args):
@@ -393,6 +414,9 @@ def build_parser():
         help="hold out each group's K largest sizes; score each law's predictions",
     )  # fmt: skip
 
+    p = sub.add_parser("status", help="a sweep's progress, from its directory (no JAX)")
+    p.add_argument("dir", metavar="DIR", help="a sweep directory")
+
     p = sub.add_parser("predict", help="a study's predicted error at an untrained size or model")
     p.add_argument("dirs", nargs="+", metavar="DIR", help="sweep directories with finished trials")
     p.add_argument("--at", nargs="+", required=True, metavar="KEY=VALUE",
@@ -469,7 +493,7 @@ def main(argv=None):
     args, rest = parser.parse_known_args(argv)
     commands = {"train": train, "sweep": sweep, "launch": launch}
     plain = {"info": info, "models": list_models, "import": import_weights, "report": report,
-             "predict": predict, "bench": bench, "knn": knn}  # fmt: skip
+             "predict": predict, "status": status, "bench": bench, "knn": knn}  # fmt: skip
     try:
         if args.command in ("train", "info"):
             enable_compilation_cache()

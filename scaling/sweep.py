@@ -388,7 +388,9 @@ def run(
         with lock:
             records[trial.name].update(state=state, error=note, ended=time.time())
             write_index(workdir, records)
-        echo(f"{trial.name}: {state}" + (f" ({note})" if note else ""))
+            wall = records[trial.name]["ended"] - records[trial.name]["started"]
+            echo(f"{trial.name}: {state} in {duration(wall)}" + (f" ({note})" if note else ""))
+            echo(progress({t.name: records[t.name] for t in trials}, parallel))
 
     with trainers.stopped_by_signals(), ThreadPoolExecutor(max(1, parallel)) as pool:
         list(pool.map(launch, todo))
@@ -396,6 +398,35 @@ def run(
         pending = sum(records[t.name]["state"] == "pending" for t in trials)
         raise Stopped(f"stopped by {trainers.signal}; {pending} trial(s) pending")
     return {t.name: records[t.name]["state"] for t in trials}
+
+
+def duration(seconds: float) -> str:
+    minutes = round(seconds / 60)
+    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
+
+
+def progress(records: dict, parallel: int = 1, width: int = 20) -> str:
+    """One line on a sweep's state: a bar of the trials done, the count in each state, and an
+    estimate of the time left from the wall times of the trials that finished (each trial's
+    `started` and `ended`), `parallel` at a time."""
+    states = [r.get("state", "pending") for r in records.values()]
+    counts = {s: states.count(s) for s in STATES if s in states}
+    finished = counts.get("done", 0) + counts.get("failed", 0) + counts.get("diverged", 0)
+    filled = round(width * finished / len(states)) if states else 0
+    line = f"[{'#' * filled}{'.' * (width - filled)}] {finished}/{len(states)}: "
+    line += ", ".join(f"{n} {s}" for s, n in counts.items())
+    walls = [
+        r["ended"] - r["started"] for r in records.values()
+        if r.get("state") == "done" and is_time(r.get("started")) and is_time(r.get("ended"))
+    ]  # fmt: skip
+    left = counts.get("pending", 0) + counts.get("running", 0)
+    if walls and left:
+        line += f"; about {duration(sum(walls) / len(walls) * left / max(1, parallel))} left"
+    return line
+
+
+def is_time(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def best_trial(workdir, names) -> dict | None:

@@ -35,6 +35,12 @@ os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+def pytest_collection_modifyitems(items):
+    """The slow tests first (each file's in its order): the two workers then end on short tests
+    together, not one of them on a 30-second test while the other waits."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session")
 def digits_tree(tmp_path_factory) -> Path:
     """scikit-learn's digits as an image-folder tree of PNG files: every fifth image in test/."""

@@ -196,6 +196,7 @@ def digits():
     return (images - images.mean()) / images.std(), ds.train_labels
 
 
+@pytest.mark.slow
 def test_each_layout_learns_digits(digits):
     """30 Adam steps for each of the four layouts, like the trainer's step (which VIT_REL goes
     through above). The four models are trained side by side by one jitted step, on the sum of
@@ -241,6 +242,7 @@ def test_each_layout_learns_digits(digits):
     assert all(last[k] < 0.8 * first[k] for k in layouts), (first, last)
 
 
+@pytest.mark.slow
 def test_layouts_matched_at_a_parameter_count():
     target, settings = 2e6, dict(image_size=32, small_images=True, num_classes=10)
     for layout in coatnet.LAYOUTS:

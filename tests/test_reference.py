@@ -83,6 +83,7 @@ def test_the_comparison_sees_a_pre_activated_identity_shortcut(name, monkeypatch
     assert reference.relative_difference(logits(fixture), expected) > 1e-3
 
 
+@pytest.mark.slow
 def test_import_command_and_fine_tuning_from_it(tmp_path, capsys):
     # A torchvision ResNet-18 checkpoint (1000 classes) as a .safetensors file, imported by the
     # command, then fine-tuned on digits (10 classes): the classifier is re-initialised, every

@@ -73,6 +73,7 @@ def same_run(workdir, uninterrupted):
     assert strip(got) == strip(metrics)  # no step lost, none duplicated
 
 
+@pytest.mark.slow
 def test_sigkill_at_three_moments_then_resume(tmp_path, uninterrupted):
     workdir = tmp_path / "run"
     moments = [

@@ -89,6 +89,7 @@ def _sweep_args(workdir, study=f"{WRN_STUDY}:{TINY}"):
     ]
 
 
+@pytest.mark.slow
 def test_killed_sweep_finishes_on_rerun(tmp_path, capsys):
     workdir = tmp_path / "study"
     first, second = workdir / "name=wrn10_1,seed=0", workdir / "name=wrn10_1,seed=1"
@@ -133,6 +134,7 @@ def test_killed_sweep_finishes_on_rerun(tmp_path, capsys):
     assert "the study changed: 4 trial(s)" in one_line_exit_2(changed, capsys)
 
 
+@pytest.mark.slow
 def test_failing_trial_does_not_stop_the_others(tmp_path):
     study_file = tmp_path / "study.py"
     study_file.write_text(
@@ -165,6 +167,7 @@ def test_failing_trial_does_not_stop_the_others(tmp_path):
     assert "2 to run" in retry.stdout and "name=resnet9: failed" in retry.stdout
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one(tmp_path, digits_tree):
     """Two JAX processes (one CPU device each, gloo collectives) = one process, same batch, each
     decoding its share from disk. The in-memory reading splits its batches across processes with
@@ -370,3 +373,33 @@ def test_efficientnet_compound_arms_double_the_macs():
         ratios[arm] = flops.macs_and_activations(model, overrides.get("image_size", 32))[0]
     ratios = {arm: macs / ratios["baseline"] for arm, macs in ratios.items()}
     assert all(1.95 < r < 2.2 for arm, r in ratios.items() if arm != "baseline"), ratios
+
+
+def test_progress_counts_each_state_and_estimates_the_time_left(tmp_path):
+    from conftest import run_python
+
+    records = {
+        "a": dict(state="done", started=0.0, ended=60.0),
+        "b": dict(state="done", started=10.0, ended=130.0),
+        "c": dict(state="running", started=130.0),
+        "d": dict(state="pending"),
+        "e": dict(state="failed", error="exit status 1: boom", started=0.0, ended=5.0),
+    }
+    line = sweep.progress(records, parallel=2)
+    # 3 of 5 finished; two left at a mean of 90 s each, two at a time: 1.5 min, rounded.
+    assert line == (
+        "[############........] 3/5: 1 pending, 1 running, 2 done, 1 failed; about 2 min left"
+    )
+    sweep.write_index(tmp_path, {k: {"name": k, **v} for k, v in records.items()})
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "metrics.jsonl").write_text('{"step": 40, "loss": 1.0}\n')
+    out = run_python(
+        f"import sys; from scaling import cli; cli.main(['status', {str(tmp_path)!r}]); "
+        "assert 'jax' not in sys.modules, 'status imported JAX'"
+    )
+    assert out.splitlines() == [
+        f"{tmp_path}: [############........] 3/5: 1 pending, 1 running, 2 done, 1 failed; "
+        "about 3 min left",
+        "  running  c: step 40",
+        "  failed   e: exit status 1: boom",
+    ]

@@ -20,6 +20,7 @@ def losses(workdir):
     return [r["loss"] for r in read_metrics(workdir / "metrics.jsonl") if "loss" in r]
 
 
+@pytest.mark.slow
 def test_digits_learns(tmp_path):
     config = load_config(f"{TRAIN_CONFIG}:model=resnet20,image_size=16,epochs=6,batch_size=64")
     config.log_every = 10
@@ -108,6 +109,7 @@ def test_workdir_with_another_config_is_refused(tmp_path, tiny_config):
     assert train(tiny_config(lr=0.5), tmp_path, overwrite=True)["config"]["lr"] == 0.5
 
 
+@pytest.mark.slow
 def test_one_device_equals_eight_devices():
     code = """
 import json, tempfile
