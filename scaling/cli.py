@@ -339,8 +339,8 @@ def launch(args, config_args):
         return
     commands = launcher.tpu_commands(spec)
     print(launcher.as_script(commands), end="")
-    if args.execute:
-        launcher.execute(commands)
+    if args.execute and (status := launcher.execute(commands)):
+        sys.exit(status)
 
 
 class Parser(argparse.ArgumentParser):

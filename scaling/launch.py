@@ -22,6 +22,7 @@ import math
 import re
 import shlex
 import subprocess
+import sys
 
 from scaling import ScalingError
 
@@ -165,11 +166,22 @@ def as_script(commands: list[list[str]]) -> str:
     return "".join(shlex.join(c) + "\n" for c in commands)
 
 
-def execute(commands: list[list[str]]):
-    """Run the commands in order, stopping at the first failure (the sweep can be re-run)."""
+def execute(commands: list[list[str]]) -> int:
+    """Run the commands in order; at the first failure stop, say which, and return its exit
+    status (0 when every one succeeded). Running them all again is safe: the sweep resumes."""
     for command in commands:
         print(f"+ {shlex.join(command)}", flush=True)
-        subprocess.run(command, check=True)
+        try:
+            status = subprocess.run(command).returncode
+        except OSError as e:  # not installed, not executable
+            status, reason = 127, f"could not run ({e.strerror})"
+        else:
+            reason = f"exited with status {status}"
+        if status:
+            print(f"scaling launch: `{shlex.join(command)}` {reason}; stopped there (running "
+                  "it all again is safe: the sweep resumes)", file=sys.stderr)  # fmt: skip
+            return status
+    return 0
 
 
 def skypilot_task(spec: Launch) -> str:

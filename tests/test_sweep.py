@@ -1,5 +1,6 @@
 """Sweeps: combinators, stable trial names, resumable runs, failures, multi-host, launchers."""
 
+import contextlib
 import json
 import os
 import shlex
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, one_line_exit_2, scaling_cli
 
-from scaling import ScalingError, sweep
+from scaling import ScalingError, cli, sweep
 from scaling.config import load_config
 from scaling.launch import Launch, hosts, skypilot_task, tpu_commands
 from scaling.rundir import read_metrics
@@ -403,3 +404,48 @@ def test_progress_counts_each_state_and_estimates_the_time_left(tmp_path):
         "  running  c: step 40",
         "  failed   e: exit status 1: boom",
     ]
+
+
+FAKE = f"""#!{sys.executable}
+# Records each call (its arguments, as JSON); the call numbered $FAIL_AT fails.
+import json, os, sys
+with open(os.environ["CALLS"], "a") as calls:
+    calls.write(json.dumps([os.path.basename(sys.argv[0]), *sys.argv[1:]]) + "\\n")
+with open(os.environ["CALLS"]) as calls:
+    sys.exit(sum(1 for _ in calls) == int(os.environ["FAIL_AT"]))
+"""
+
+
+@pytest.mark.parametrize("accelerator, fail_at", [("v4-8", 0), ("v4-32", 0), ("v4-32", 3)])
+def test_launch_execute_runs_each_command_and_stops_at_the_first_failure(
+    tmp_path, monkeypatch, capsys, accelerator, fail_at
+):
+    """`--execute` against a fake gcloud (and git) on PATH: every call in order, for one host
+    and for a queued multi-host slice split across VMs; a failing call stops the rest."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("gcloud", "git"):
+        (bin_dir / tool).write_text(FAKE)
+        (bin_dir / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("CALLS", str(tmp_path / "calls"))
+    monkeypatch.setenv("FAIL_AT", str(fail_at))
+    options = ["--name", "wrn", "--zone", "us-central2-b", "--accelerator", accelerator,
+               "--bucket", "gs://bkt/studies", "--execute"]  # fmt: skip
+    if accelerator == "v4-32":
+        options += ["--queued", "--trials-per-vm", "5"]  # 9 trials: two VMs
+    with pytest.raises(SystemExit) if fail_at else contextlib.nullcontext() as stopped:
+        cli.main(["launch", "tpu", "--config", WRN_STUDY, *options])
+    calls = [json.loads(line) for line in (tmp_path / "calls").read_text().splitlines()]
+    multi = dict(queued=True, trials_per_vm=5) if accelerator == "v4-32" else {}
+    expected = tpu_commands(_launch(accelerator, study=["--config", WRN_STUDY], num_trials=9,
+                                    **multi))  # fmt: skip
+    err = capsys.readouterr().err
+    if not fail_at:
+        assert calls == expected and err == ""
+        kinds = [c[3] for c in calls if "create" in c]
+        assert kinds == (["tpu-vm"] if accelerator == "v4-8" else ["queued-resources"] * 2)
+        return
+    assert calls == expected[:fail_at] and stopped.value.code == 1
+    failed = shlex.join(expected[fail_at - 1])
+    assert err.count("\n") == 1 and f"`{failed}` exited with status 1" in err
