@@ -13,7 +13,7 @@ scaling bench [--models M ...] [--batch B] [--image-size S] [--steps N]
               [--compare torch] [--stream SOURCE]
 scaling knn --data SOURCE --image-size S --k K [K ...] --distance l1|l2|cosine
             [--vote majority|distance] [--train-examples N] [--workdir DIR]
-scaling launch tpu|skypilot --config configs/STUDY.py --name N --zone Z --accelerator v4-8 ...
+scaling launch tpu|sky --config configs/STUDY.py --name N --zone Z --accelerator v4-8 ...
 """
 
 import argparse
@@ -326,6 +326,7 @@ def check_knn_source(args):
 
 def launch(args, config_args):
     from scaling import launch as launcher
+    from scaling import rundir
     from scaling import sweep as sweeps
 
     num_trials = len(sweeps.expand(parse_config(config_args)))
@@ -334,8 +335,21 @@ def launch(args, config_args):
         bucket=args.bucket, trials_per_vm=args.trials_per_vm, num_trials=num_trials,
         spot=not args.on_demand, queued=args.queued,
     )  # fmt: skip
-    if args.target == "skypilot":
-        print(launcher.skypilot_task(spec), end="")
+    if args.target in ("sky", "skypilot"):
+        tasks = launcher.skypilot_tasks(spec)
+        if args.out:
+            out = Path(args.out)
+            rundir.check_writable(out, "--out")
+            for name, task in tasks.items():  # never over a file of other content (yours)
+                if (out / name).exists() and (out / name).read_text(errors="replace") != task:
+                    raise ScalingError(f"{out / name} exists with other content; move it away")
+            out.mkdir(parents=True, exist_ok=True)
+            for name, task in tasks.items():
+                with rundir.atomic_file(out / name) as file:
+                    file.write(task)
+                print(f"sky jobs launch {out / name}")
+        else:
+            print("---\n".join(tasks.values()), end="")
         return
     commands = launcher.tpu_commands(spec)
     print(launcher.as_script(commands), end="")
@@ -461,7 +475,7 @@ def build_parser():
     p = sub.add_parser(
         "launch", help="print (or --execute) cloud TPU commands for a study", epilog=config_help
     )
-    p.add_argument("target", choices=["tpu", "skypilot"])
+    p.add_argument("target", choices=["tpu", "sky", "skypilot"], help="sky: SkyPilot tasks")
     p.add_argument("--name", required=True)
     p.add_argument("--zone", required=True)
     p.add_argument("--accelerator", required=True, help="e.g. v4-8, v4-32, v5p-16")
@@ -470,6 +484,7 @@ def build_parser():
     p.add_argument("--on-demand", action="store_true", help="no spot VMs")
     p.add_argument("--queued", action="store_true", help="create through queued resources")
     p.add_argument("--execute", action="store_true", help="run the commands, not just print")
+    p.add_argument("--out", help="sky: write one task file per shard here, not to stdout")
     return parser  # fmt: skip
 
 

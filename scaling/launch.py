@@ -6,8 +6,9 @@ on a multi-host slice each trial is one multi-controller JAX job, `--distributed
 workdir on the bucket, and delete the VM; then pull the results from the bucket. Nothing here
 schedules or retries: a preempted VM is recreated by running the same commands again, and the
 sweep's resume finishes only what is missing. Where a study outgrows hand-managed VMs,
-`skypilot_task` writes a SkyPilot task: its managed jobs (`sky jobs launch`) recreate preempted
-spot TPUs and re-run the same sweep command, which resumes from the checkpoints on the bucket.
+`skypilot_tasks` writes a SkyPilot task per shard: its managed jobs (`sky jobs launch`) relaunch
+preempted spot TPUs and re-run the same sweep command, which resumes from the checkpoints on the
+bucket.
 
 Every value the user gives is checked here (`Launch`) against what Google Cloud accepts (a zone,
 a bucket, a TPU slice), and is quoted again where it lands: `shlex.quote` in the command strings
@@ -184,26 +185,42 @@ def execute(commands: list[list[str]]) -> int:
     return 0
 
 
-def skypilot_task(spec: Launch) -> str:
-    """A SkyPilot task (YAML) that runs the study on one TPU slice as a managed spot job.
+MOUNT = "/results"  # where each task sees the bucket
+RESTARTS_ON_ERRORS = 3  # a trial that fails (not a preemption) is retried this often
 
-    Every interpolated value is a JSON scalar, which YAML reads as the same value: a quoted
-    string cannot end its line or start a key, whatever it holds."""
-    run = _sweep_command(spec, 0, f"/results/{spec.name}")
+
+def skypilot_tasks(spec: Launch) -> dict[str, str]:
+    """{file name: SkyPilot task (YAML)}, one managed job per shard of the study.
+
+    Each runs `scaling sweep --shard I/N` with its workdir on the bucket (mounted at /results),
+    on a spot TPU slice by default; SkyPilot's job recovery relaunches a preempted slice (and
+    retries a failed run a few times), and the sweep resumes from the checkpoints on the
+    bucket. Every interpolated value is a JSON scalar, which YAML reads as the same value: a
+    quoted string cannot end its line or start a key, whatever it holds."""
     q = json.dumps
-    return f"""\
-# sky jobs launch this-file.yaml   (managed job: preempted spot TPUs are recreated, and the
-# sweep resumes from the checkpoints under /results, which lives on the bucket)
-name: {q(spec.name)}
+    tasks = {}
+    for i in range(spec.num_vms):
+        name = f"{spec.name}-{i}" if spec.num_vms > 1 else spec.name
+        run = _sweep_command(spec, i, f"{MOUNT}/{spec.name}")
+        tasks[f"{name}.yaml"] = f"""\
+# sky jobs launch {name}.yaml: a managed job; a preempted spot slice is relaunched and the
+# sweep resumes from the checkpoints under {MOUNT}, which lives on the bucket.
+name: {q(name)}
 resources:
   accelerators: {q(f"tpu-{spec.accelerator}")}
+  accelerator_args:
+    runtime_version: {q(RUNTIME)}
   use_spot: {q(spec.spot)}
   zone: {q(spec.zone)}
+  job_recovery:
+    strategy: FAILOVER
+    max_restarts_on_errors: {RESTARTS_ON_ERRORS}
 workdir: .
 file_mounts:
-  /results:
+  {MOUNT}:
     source: {q(spec.bucket)}
     mode: MOUNT
 setup: {q("python3 -m pip install -q -e '.[tpu]'")}
 run: {q(run)}
 """
+    return tasks

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from conftest import ROOT, one_line_exit_2, scaling_cli
 
 from scaling import ScalingError, cli, sweep
 from scaling.config import load_config
-from scaling.launch import Launch, hosts, skypilot_task, tpu_commands
+from scaling.launch import Launch, hosts, skypilot_tasks, tpu_commands
 from scaling.rundir import read_metrics
 
 WRN_STUDY = str(ROOT / "configs" / "wrn_width_depth.py")
@@ -244,12 +245,46 @@ def test_launcher_multi_host_v4_32_split_across_vms():
     assert sum("queued-resources delete" in c for c in commands) == 4
 
 
-def test_skypilot_task_and_bad_launches():
-    task = skypilot_task(_launch("v4-32"))
-    assert 'accelerators: "tpu-v4-32"' in task and "use_spot: true" in task
-    assert 'source: "gs://bkt/studies"' in task
-    assert 'run: "scaling sweep --config configs/wrn_width_depth.py:seeds=2 --workdir ' \
-           '/results/wrn --shard 0/1 --distributed"' in task  # fmt: skip
+def test_skypilot_tasks_parse_and_their_run_command_runs_the_shard(tmp_path):
+    """Each shard's task, read by SkyPilot's own parser: a spot TPU slice with job recovery, the
+    bucket mounted at /results, and the shard's sweep; that command, run here with a directory
+    standing in for the bucket, trains its shard's trial."""
+    sky = pytest.importorskip("sky")
+    study = f"{WRN_STUDY}:depths=10,widths=1+2,seeds=1,steps=2,image_size=8,batch_size=32"
+    argv = ["launch", "sky", "--config", study, "--name", "wrn", "--zone", "us-central2-b",
+            "--accelerator", "v4-32", "--bucket", "gs://bkt/studies", "--trials-per-vm", "1",
+            "--out", str(tmp_path / "tasks")]  # fmt: skip
+    out = scaling_cli(*argv)
+    assert out.returncode == 0, out.stderr
+    files = sorted((tmp_path / "tasks").iterdir())
+    assert out.stdout.splitlines() == [f"sky jobs launch {f}" for f in files]
+    assert [f.name for f in files] == ["wrn-0.yaml", "wrn-1.yaml"]  # two trials, one per VM
+    for i, file in enumerate(files):
+        task = sky.Task.from_yaml(str(file))
+        (resources,) = task.resources
+        assert (task.name, resources.accelerators, resources.use_spot) == (
+            f"wrn-{i}", {"tpu-v4-32": 1}, True)  # fmt: skip
+        assert resources.zone == "us-central2-b"
+        assert resources.accelerator_args["runtime_version"] == "tpu-ubuntu2204-base"
+        assert resources.job_recovery == {"strategy": "FAILOVER", "max_restarts_on_errors": 3}
+        mount = task.storage_mounts["/results"]
+        assert (mount.source, mount.mode.name) == ("gs://bkt/studies", "MOUNT")
+        assert task.run == (f"scaling sweep --config {study} --workdir /results/wrn "
+                            f"--shard {i}/2 --distributed")  # v4-32: four hosts  # fmt: skip
+    bucket = tmp_path / "bucket"
+    run = task.run.replace("/results", str(bucket)).replace(" --distributed", "")  # one host here
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    done = subprocess.run(run, shell=True, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert [p.name for p in (bucket / "wrn").iterdir() if p.is_dir()] == ["name=wrn10_2,seed=0"]
+    assert (bucket / "wrn" / "name=wrn10_2,seed=0" / "summary.json").exists()
+    # An existing file of other content is never written over.
+    (tmp_path / "tasks" / "wrn-1.yaml").write_text("# mine\n")
+    assert "exists with other content" in scaling_cli(*argv).stderr
+    assert (tmp_path / "tasks" / "wrn-1.yaml").read_text() == "# mine\n"
+
+
+def test_bad_launches():
     with pytest.raises(ScalingError, match="unknown accelerator"):
         _launch("a100-8")
     with pytest.raises(ScalingError, match="gs://"):
@@ -300,10 +335,9 @@ def _mount_words(spec):
 def test_launcher_values_are_quoted_where_they_land():
     yaml = pytest.importorskip("yaml")
     spec = _launch("v4-32", zone="europe-west4-a", bucket="gs://my.bkt_1/a-b/c.d")
-    task = yaml.safe_load(skypilot_task(spec))
+    (task,) = map(yaml.safe_load, skypilot_tasks(spec).values())
     assert list(task) == ["name", "resources", "workdir", "file_mounts", "setup", "run"]
-    assert task["resources"] == {"accelerators": "tpu-v4-32", "use_spot": True,
-                                 "zone": "europe-west4-a"}  # fmt: skip
+    assert task["resources"]["zone"] == "europe-west4-a"
     assert task["file_mounts"] == {"/results": {"source": "gs://my.bkt_1/a-b/c.d", "mode": "MOUNT"}}
     assert shlex.split(task["run"]) == [
         *("scaling", "sweep", "--config", "configs/wrn_width_depth.py:seeds=2"),
@@ -313,7 +347,7 @@ def test_launcher_values_are_quoted_where_they_land():
     assert words[-4:] == ["--only-dir", "a-b/c.d", "my.bkt_1", "~/bucket)"]
     # Validation keeps hostile values out; quoting alone still holds them (defence in depth).
     spec.bucket, spec.zone = "gs://b; touch x$(id)/a b;`id`", "us-central2-b\nfoo: bar"
-    task = yaml.safe_load(skypilot_task(spec))
+    (task,) = map(yaml.safe_load, skypilot_tasks(spec).values())
     assert list(task) == ["name", "resources", "workdir", "file_mounts", "setup", "run"]
     assert task["resources"]["zone"] == spec.zone
     assert task["file_mounts"]["/results"]["source"] == spec.bucket
@@ -328,7 +362,7 @@ def test_launch_command_line_refuses_bad_values_in_one_line(capsys):
     bad = [("--zone", "us-central2-b\nfoo: bar", "--zone 'us-central2-b\\nfoo: bar' is not"),
            ("--bucket", "gs://b; touch /tmp/x", "--bucket 'gs://b; touch /tmp/x' is not valid"),
            ("--accelerator", "v4-7", "unknown accelerator 'v4-7'")]  # fmt: skip
-    for target in ("tpu", "skypilot"):
+    for target in ("tpu", "sky"):
         for flag, value, message in bad:
             options = [word for key, v in {**good, flag: value}.items() for word in (key, v)]
             with pytest.raises(SystemExit) as exit:
