@@ -6,6 +6,7 @@ scaling models [PATTERN]
 scaling import SOURCE --model NAME --out DIR [--image-size S] [--source KIND] [--set KEY=VALUE]
 scaling train --config configs/train.py[:arg] [--config.KEY=VALUE ...] --workdir DIR
 scaling sweep --config configs/STUDY.py[:arg] --workdir DIR [--dry-run] [--parallel N]
+              [--executor slurm --partition P --gpus-per-trial N --time MIN]
 scaling report DIR [DIR ...] [--out OUT] [--notes NOTES.md] [--extrapolate K]
 scaling predict DIR [DIR ...] --at KEY=VALUE [KEY=VALUE ...] [--x flops|params|...]
 scaling status DIR
@@ -188,9 +189,17 @@ def sweep(args, config_args):
         print(sweeps.dry_run(trials, args.workdir))
         return
     train_args = ["--distributed"] if args.distributed else []
-    states = sweeps.run(study, args.workdir, parallel=args.parallel,
-                        retry_failed=args.retry_failed, shard=(int(index), int(count)),
-                        train_args=train_args)  # fmt: skip
+    shard = (int(index), int(count))
+    if args.executor == "slurm":
+        from scaling import slurm
+
+        settings = dict(partition=args.partition, gpus_per_trial=args.gpus_per_trial,
+                        time_min=args.time, array_parallelism=args.array_parallelism)  # fmt: skip
+        states = slurm.run(study, args.workdir, settings=settings, retry_failed=args.retry_failed,
+                           shard=shard, train_args=train_args)  # fmt: skip
+    else:
+        states = sweeps.run(study, args.workdir, parallel=args.parallel, shard=shard,
+                            retry_failed=args.retry_failed, train_args=train_args)  # fmt: skip
     tally = {s: list(states.values()).count(s) for s in sweeps.STATES if s in states.values()}
     print(f"sweep {args.workdir}: " + ", ".join(f"{n} {s}" for s, n in tally.items()))
     if best := sweeps.best_trial(args.workdir, [n for n, s in states.items() if s == "done"]):
@@ -418,6 +427,12 @@ def build_parser():
     p.add_argument("--retry-failed", action="store_true", help="re-run failed/diverged trials")
     p.add_argument("--shard", default="0/1", help="I/N: run every N-th trial from the I-th")
     p.add_argument("--distributed", action="store_true", help="trials span several hosts")
+    p.add_argument("--executor", choices=["local", "slurm"], default="local",
+                   help="slurm: one job-array task per trial, through submitit")  # fmt: skip
+    p.add_argument("--partition", help="slurm: the partition")
+    p.add_argument("--gpus-per-trial", type=int, default=0, help="slurm: GPUs per task")
+    p.add_argument("--time", type=int, default=60, help="slurm: minutes per task, before requeue")
+    p.add_argument("--array-parallelism", type=int, help="slurm: tasks running at once")
 
     p = sub.add_parser("report", help="REPORT.md, figures and runs.csv of one or more sweeps")
     p.add_argument("dirs", nargs="+", metavar="DIR", help="sweep directories (finished or not)")

@@ -334,19 +334,10 @@ def unreadable_trials(workdir: Path, trials) -> dict[str, str]:
     return unreadable
 
 
-def run(
-    study,
-    workdir,
-    *,
-    parallel: int = 1,
-    retry_failed: bool = False,
-    shard: tuple[int, int] = (0, 1),
-    train_args=(),
-    echo=print,
-) -> dict[str, str]:
-    """Run every unfinished trial of `study` (this shard's share); returns {name: state}.
-    Raises `Stopped` (after recording every trial's state) when SIGTERM or Ctrl-C stopped it."""
-    workdir = Path(workdir)
+def plan(study, workdir: Path, retry_failed=False, shard=(0, 1)):
+    """Everything a run of the sweep checks and records before training: the shard's trials,
+    the index records (written, each trial's state brought up to date) and the trials to run.
+    Bad settings and a changed study are refused before anything is written."""
     index, count = shard
     trials = expand(study)[index::count]
     for t in trials:  # every trial's settings, before anything is written
@@ -369,16 +360,39 @@ def run(
         if records[t.name]["state"] != "done" and t.name not in unreadable
         and (retry_failed or records[t.name]["state"] not in ("failed", "diverged"))
     ]  # fmt: skip
-    lock, trainers = threading.Lock(), Trainers()
     write_index(workdir, records)
+    return trials, records, todo
+
+
+def trial_directory(workdir: Path, trial: Trial) -> Path:
+    """The trial's directory, created with its config.json (kept if it is there)."""
+    trial_dir = workdir / trial.name
+    trial_dir.mkdir(exist_ok=True)
+    mark(trial_dir, "run")
+    if not (trial_dir / "config.json").exists():
+        write_json_atomic(trial_dir / "config.json", json_config(trial.config))
+    return trial_dir
+
+
+def run(
+    study,
+    workdir,
+    *,
+    parallel: int = 1,
+    retry_failed: bool = False,
+    shard: tuple[int, int] = (0, 1),
+    train_args=(),
+    echo=print,
+) -> dict[str, str]:
+    """Run every unfinished trial of `study` (this shard's share); returns {name: state}.
+    Raises `Stopped` (after recording every trial's state) when SIGTERM or Ctrl-C stopped it."""
+    workdir = Path(workdir)
+    trials, records, todo = plan(study, workdir, retry_failed, shard)
+    lock, trainers = threading.Lock(), Trainers()
     echo(f"{len(trials)} trials: {len(trials) - len(todo)} finished or skipped, {len(todo)} to run")
 
     def launch(trial):
-        trial_dir = workdir / trial.name
-        trial_dir.mkdir(exist_ok=True)
-        mark(trial_dir, "run")
-        if not (trial_dir / "config.json").exists():
-            write_json_atomic(trial_dir / "config.json", json_config(trial.config))
+        trial_dir = trial_directory(workdir, trial)
         with lock:
             if trainers.signal:
                 return
@@ -386,10 +400,7 @@ def run(
             write_index(workdir, records)
         state, note = run_trial(trial_dir, train_args, trainers)
         with lock:
-            records[trial.name].update(state=state, error=note, ended=time.time())
-            write_index(workdir, records)
-            wall = records[trial.name]["ended"] - records[trial.name]["started"]
-            echo(f"{trial.name}: {state} in {duration(wall)}" + (f" ({note})" if note else ""))
+            finish(workdir, records, trial.name, state, note, echo)
             echo(progress({t.name: records[t.name] for t in trials}, parallel))
 
     with trainers.stopped_by_signals(), ThreadPoolExecutor(max(1, parallel)) as pool:
@@ -398,6 +409,14 @@ def run(
         pending = sum(records[t.name]["state"] == "pending" for t in trials)
         raise Stopped(f"stopped by {trainers.signal}; {pending} trial(s) pending")
     return {t.name: records[t.name]["state"] for t in trials}
+
+
+def finish(workdir, records, name, state, note, echo):
+    """Record a trial's end in the index, and say it."""
+    records[name].update(state=state, error=note, ended=time.time())
+    write_index(workdir, records)
+    wall = records[name]["ended"] - records[name].get("started", records[name]["ended"])
+    echo(f"{name}: {state} in {duration(wall)}" + (f" ({note})" if note else ""))
 
 
 def duration(seconds: float) -> str:
