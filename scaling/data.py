@@ -352,8 +352,8 @@ def _tfds_sources(name: str):
     """(train data source, test data source or None, class names) of a prepared TFDS dataset."""
     import tensorflow_datasets as tfds  # lazy: slow to import, and only this source needs it
 
-    try:
-        builder = tfds.builder(name)
+    try:  # $TFDS_DATA_DIR as it is now, not as it was when TFDS was imported
+        builder = tfds.builder(name, data_dir=os.environ.get("TFDS_DATA_DIR"))
     except Exception as error:  # tfds uses DatasetNotFoundError, AssertionError, ValueError...
         reason = str(error).splitlines()[0]
         raise ScalingError(

@@ -470,14 +470,23 @@ def test_synthetic_is_seeded_and_learnable():
 # --- real CIFAR-10 -----------------------------------------------------------------------------
 
 
-@pytest.mark.slow
-def test_cifar10_jpeg_archive(tmp_path_factory):
+@pytest.fixture(scope="module")
+def cifar(tmp_path_factory):
+    """CIFAR-10 (JPEG mirror) decoded once for this module's tests: (dataset, cache dir, cold
+    seconds); the cache (180 MB, which pytest would keep for three sessions) removed after."""
     if not CIFAR.exists():
         pytest.skip(f"{CIFAR} is absent")
     cache = tmp_path_factory.mktemp("cifar-cache")  # outside the repository
     start = time.perf_counter()
     ds = data.load(f"folder:{CIFAR}", 32, cache_dir=cache)
-    cold = time.perf_counter() - start
+    yield ds, cache, time.perf_counter() - start
+    for file in cache.iterdir():
+        file.unlink()
+
+
+@pytest.mark.slow
+def test_cifar10_jpeg_archive(cifar, tmp_path_factory):
+    ds, cache, cold = cifar
     start = time.perf_counter()
     cached = data.load(f"folder:{CIFAR}", 32, cache_dir=cache)
     warm = time.perf_counter() - start
@@ -490,8 +499,6 @@ def test_cifar10_jpeg_archive(tmp_path_factory):
     assert 100 < ds.train_images.mean() < 140  # CIFAR-10's mean pixel is about 121
     assert np.array_equal(ds.train_images, cached.train_images)
     assert warm < cold
-    for file in cache.iterdir():  # 180 MB; pytest would keep it for three sessions
-        file.unlink()
     # Streamed from the extracted tree: the same examples, order and labels as in memory.
     tree = tmp_path_factory.mktemp("cifar-tree")
     with tarfile.open(CIFAR) as archive:
@@ -502,3 +509,44 @@ def test_cifar10_jpeg_archive(tmp_path_factory):
     for i in range(0, 50_000, 997):
         assert np.array_equal(stream.train[i][0], ds.train_images[i])
     shutil.rmtree(tree)
+
+
+@pytest.mark.slow
+def test_cifar10_as_a_real_tfds_dataset_trains_like_the_folder(cifar, tmp_path, monkeypatch):
+    """CIFAR-10 written as array_record by TFDS's builder, read by name from its data directory
+    with `tfds.data_source`: the same images, labels and counts as `folder:`, and a run trains
+    from `tfds:NAME` on all of it. Every fifth image of each split: TFDS writes and reads about
+    3,000 examples a second here, so all 60,000 would add a minute to the suite."""
+    import dataclasses
+
+    import tensorflow_datasets as tfds
+
+    from scaling import tfds_export, train
+
+    full = cifar[0]
+    splits = ("train_images", "train_labels", "test_images", "test_labels")
+    ds = dataclasses.replace(full, **{k: getattr(full, k)[::5] for k in splits})
+    tfds_export.export(ds, "cifar10_folder", tmp_path / "tfds")
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
+    builder = tfds.builder("cifar10_folder", data_dir=str(tmp_path / "tfds"))
+    assert builder.info.features["label"].names == list(CIFAR_CLASSES)
+    records = builder.as_data_source(split="train")
+    assert len(records) == 10_000
+    for i in range(0, 10_000, 997):
+        record = records[i]  # TFDS keeps its own order; `id` is the index in the folder's
+        assert np.array_equal(record["image"], ds.train_images[record["id"]])
+        assert record["label"] == ds.train_labels[record["id"]]
+    stream = data.open_stream("tfds:cifar10_folder", 32)
+    assert np.array_equal(np.bincount(stream.train_labels), np.bincount(ds.train_labels))
+    assert np.array_equal(np.bincount(stream.test_labels), np.bincount(ds.test_labels))
+    from conftest import TRAIN_CONFIG
+
+    from scaling.config import load_config
+
+    config = load_config(f"{TRAIN_CONFIG}:model=resnet8,dataset=tfds:cifar10_folder,"
+                         "image_size=32,steps=2,batch_size=64")  # fmt: skip
+    config.stream = True
+    summary = train.train(config, tmp_path / "run")
+    assert (summary["train_examples"], summary["num_classes"]) == (10_000, 10)
+    with pytest.raises(ScalingError, match="exists"):
+        tfds_export.export(ds, "cifar10_folder", tmp_path / "tfds")
