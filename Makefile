@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -d $(VENV) || python3 -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test,cpu,sky,slurm]'
+	$(BIN)/python -m pip install -q -e '.[test,cpu,sky,slurm,wandb]'
 	touch $(STAMP)
 
 # The main job in miniature: a WRN width x depth sweep (6 trials) on scikit-learn's digits at

@@ -185,6 +185,18 @@ def training_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # re-initialised when the number of classes differs, position tables resized to image_size.
     c.init_from = config_dict.placeholder(str)
 
+    # Weights & Biases (scaling.tracking, the wandb extra): set project to log each run's
+    # metrics, config and summary there too. group: a sweep's trials default to their sweep's
+    # name; mode: online | offline (files only, `wandb sync` later) | disabled.
+    c.wandb = ml_collections.ConfigDict(
+        dict(
+            project=config_dict.placeholder(str),
+            entity=config_dict.placeholder(str),
+            group=config_dict.placeholder(str),
+            mode="online",
+        )
+    )
+
     c.log_every = 50
     c.eval_every = 0  # steps; 0 evaluates only at the end
     c.checkpoint_every = 500

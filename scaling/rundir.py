@@ -28,7 +28,7 @@ LOCK = ".lock"
 # What a run or sweep directory may hold that this product wrote (and so may clear).
 OWN_ENTRIES = (
     MARKER, LOCK, "config.json", "summary.json", "metrics.jsonl", "train.log", "checkpoints",
-    "trials.jsonl",
+    "trials.jsonl", "wandb",
 )  # fmt: skip
 # TensorBoard event files; the temporary files of `atomic_file`.
 OWN_PREFIXES = ("events.out.tfevents.", ".config.json.", ".summary.json.", ".metrics.jsonl.")
@@ -130,12 +130,14 @@ def recorded_config(workdir: Path) -> dict | None:
 
 def config_conflicts(workdir: Path, config) -> list[str]:
     """Top-level keys in which `config` differs from the run recorded in `workdir` (if any). A
-    key the record lacks is a field added since the run began: not a conflict."""
+    key the record lacks is a field added since the run began, and where a run's metrics are
+    mirrored (`wandb`) does not change the run: neither is a conflict."""
     old = recorded_config(workdir)
     if old is None:
         return []
     new = json_config(config)
-    return sorted(k for k in set(old) | set(new) if old.get(k, new.get(k)) != new.get(k))
+    keys = (set(old) | set(new)) - {"wandb"}
+    return sorted(k for k in keys if old.get(k, new.get(k)) != new.get(k))
 
 
 # ---- The sweep index ----

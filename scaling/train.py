@@ -31,7 +31,17 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from scaling import Diverged, ScalingError, Stopped, data, flops, models, pretrained, rundir
+from scaling import (
+    Diverged,
+    ScalingError,
+    Stopped,
+    data,
+    flops,
+    models,
+    pretrained,
+    rundir,
+    tracking,
+)
 from scaling import checkpoints as ckpt
 from scaling import early_stopping as early
 from scaling.config import check_training_config
@@ -177,6 +187,7 @@ def check(config) -> dict:
         )
     make_optimizer(config, total_steps=1)  # an unknown optimizer, schedule or setting
     early.check(config)
+    tracking.check(config)
     model_settings = settings_of(config)
     if model_settings.get("in_channels", 3) != 3:  # every data source gives RGB images
         raise ScalingError(
@@ -267,12 +278,15 @@ def run(config, workdir: Path, ds, validation, model_settings, total_steps, stop
                 if key != "step" and type(value) in (int, float):
                     board.add_scalar(key, value, record["step"])
             board.flush()
+            tracking.log(wandb_run, record)
 
     # TensorBoard event files beside metrics.jsonl, to watch a run (or a sweep directory) live;
     # purge_step hides the events of steps that a resume redoes (the first is start + 1). Closed
     # however the run ends: the writer queues events, and only closing writes them all.
     purge = start + 1 if start else None
     board = summary_writer()(str(workdir), purge_step=purge) if is_writer else None
+    wandb_run = tracking.start(config, workdir, json_config(config)) if is_writer else None
+    summary, failed = None, False
     try:
         t0 = time.perf_counter()
         wall = lambda: wall_before + time.perf_counter() - t0  # noqa: E731
@@ -368,9 +382,13 @@ def run(config, workdir: Path, ds, validation, model_settings, total_steps, stop
         if is_writer:
             write_json_atomic(workdir / "summary.json", summary)
         return summary
+    except BaseException:  # Diverged, Stopped, a crash: the W&B run ends marked as failed
+        failed = True
+        raise
     finally:
         if board is not None:
             board.close()
+        tracking.finish(wandb_run, summary, failed)
 
 
 def summary_of(config, abstract_model, ds, total_steps, steps_done) -> dict:
