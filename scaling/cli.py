@@ -1,21 +1,5 @@
 """The `scaling` command: info, models, import, train, sweep, status, report, predict, bench, knn,
-launch.
-
-scaling info MODEL [--image-size S] [--set KEY=VALUE ...]
-scaling models [PATTERN]
-scaling import SOURCE --model NAME --out DIR [--image-size S] [--source KIND] [--set KEY=VALUE]
-scaling train --config configs/train.py[:arg] [--config.KEY=VALUE ...] --workdir DIR
-scaling sweep --config configs/STUDY.py[:arg] --workdir DIR [--dry-run] [--parallel N]
-              [--executor slurm --partition P --gpus-per-trial N --time MIN]
-scaling report DIR [DIR ...] [--out OUT] [--notes NOTES.md] [--extrapolate K]
-scaling predict DIR [DIR ...] --at KEY=VALUE [KEY=VALUE ...] [--x flops|params|...]
-scaling status DIR
-scaling bench [--models M ...] [--batch B] [--image-size S] [--steps N]
-              [--compare torch] [--stream SOURCE]
-scaling knn --data SOURCE --image-size S --k K [K ...] --distance l1|l2|cosine
-            [--vote majority|distance] [--train-examples N] [--workdir DIR]
-scaling launch tpu|sky --config configs/STUDY.py --name N --zone Z --accelerator v4-8 ...
-"""
+launch. `scaling COMMAND --help` gives each one's options; docs/ the guides."""
 
 import argparse
 import json
@@ -71,32 +55,19 @@ def list_models(args):
 
 
 def import_weights(args):
-    from scaling import convert, models, pretrained
+    from scaling import models, pretrained
     from scaling.config import parse_settings
 
-    settings = parse_settings(args.set)
-    models.abstract(args.model, **settings)  # a bad name or setting fails before any work
-    out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ScalingError(f"{out} exists and is not an empty directory; choose a new --out")
     if args.image_size is not None and args.image_size < 1:
         raise ScalingError(f"--image-size must be positive, got {args.image_size}")
-    tensors = convert.read(args.source)
-    source = args.kind or convert.detect_source(tensors)
-    model = convert.import_model(
-        args.model, tensors, source=source, image_size=args.image_size, **settings
-    )
-    settings["num_classes"] = model.head.out_features
-    # What the importer read off the checkpoint, so that `init_from` rebuilds the same model:
-    # ViT and CoAtNet are built for one resolution, a ViT pools or not, a CoAtNet has a layout.
-    for key in ("image_size", "pool", "layout"):
-        if (value := getattr(model, key, None)) is not None:
-            settings[key] = value
-    pretrained.save(model, args.model, settings, out, source)
+    model, source, count = pretrained.import_weights(
+        args.source, args.model, args.out, kind=args.kind, image_size=args.image_size,
+        settings=parse_settings(args.set),
+    )  # fmt: skip
     print(
-        f"{args.model} from {args.source} ({source}, {len(tensors)} tensors, "
-        f"{models.count_params(model):,} parameters) -> {out}; "
-        f"fine-tune with --config.init_from={out}"
+        f"{args.model} from {args.source} ({source}, {count} tensors, "
+        f"{models.count_params(model):,} parameters) -> {args.out}; "
+        f"fine-tune with --config.init_from={args.out}"
     )
 
 
@@ -209,22 +180,9 @@ def sweep(args, config_args):
 
 
 def status(args):
-    """What a sweep directory holds, read from its index and the trials' metrics (no JAX)."""
-    from scaling import results, rundir
     from scaling import sweep as sweeps
 
-    workdir = Path(args.dir)
-    if not (workdir / "trials.jsonl").is_file():
-        raise ScalingError(f"{workdir} is not a sweep directory (no trials.jsonl)")
-    records = rundir.read_index(workdir)
-    running = sum(r.get("state") == "running" for r in records.values())
-    print(f"{workdir}: {sweeps.progress(records, parallel=max(1, running))}")
-    for name, record in records.items():
-        if record.get("state") == "running":
-            step = results.progress(workdir / name / "metrics.jsonl").get("step", 0)
-            print(f"  running  {name}: step {step}")
-        elif record.get("state") in ("failed", "diverged"):
-            print(f"  {record['state']:<8} {name}: {record.get('error')}")
+    print("\n".join(sweeps.status(Path(args.dir))))
 
 
 def predict(args):
@@ -265,7 +223,7 @@ def bench(args):
 
 def knn(args):
     from scaling import knn as knns
-    from scaling.rundir import check_writable, mark, write_json_atomic
+    from scaling.rundir import check_writable
 
     knns.check_settings(args.k, args.distance, args.vote, args.query_chunk, args.train_chunk)
     check_knn_source(args)
@@ -300,18 +258,12 @@ def knn(args):
             f"{summary['test_accuracy']:.4f}, train accuracy (leave-one-out) "
             f"{summary['train_accuracy']:.4f}"
         )
-        if workdir is None:
-            continue
-        # One run directory per k when there are several, so `scaling report` reads trials.
-        run = workdir / f"k={k}" if len(ks) > 1 else workdir
-        run.mkdir(parents=True, exist_ok=True)
-        mark(run, "knn")
-        config = dict(model=dict(name=summary["model"]), dataset=args.data, k=k,
-                      distance=args.distance, vote=args.vote, image_size=args.image_size,
-                      train_examples=args.train_examples, seed=args.seed,
-                      features=args.features)  # fmt: skip
-        write_json_atomic(run / "config.json", config)
-        write_json_atomic(run / "summary.json", summary)
+        if workdir is not None:  # one run directory per k when there are several (k=K/)
+            config = dict(model=dict(name=summary["model"]), dataset=args.data, k=k,
+                          distance=args.distance, vote=args.vote, image_size=args.image_size,
+                          train_examples=args.train_examples, seed=args.seed,
+                          features=args.features)  # fmt: skip
+            knns.write_run(workdir / f"k={k}" if len(ks) > 1 else workdir, config, summary)
     print(f"{results['queries']} queries in {results['wall_seconds']:.1f} s"
           + (f"; summaries in {workdir}" if workdir is not None else ""))  # fmt: skip
 
@@ -335,7 +287,6 @@ def check_knn_source(args):
 
 def launch(args, config_args):
     from scaling import launch as launcher
-    from scaling import rundir
     from scaling import sweep as sweeps
 
     num_trials = len(sweeps.expand(parse_config(config_args)))
@@ -347,16 +298,8 @@ def launch(args, config_args):
     if args.target in ("sky", "skypilot"):
         tasks = launcher.skypilot_tasks(spec)
         if args.out:
-            out = Path(args.out)
-            rundir.check_writable(out, "--out")
-            for name, task in tasks.items():  # never over a file of other content (yours)
-                if (out / name).exists() and (out / name).read_text(errors="replace") != task:
-                    raise ScalingError(f"{out / name} exists with other content; move it away")
-            out.mkdir(parents=True, exist_ok=True)
-            for name, task in tasks.items():
-                with rundir.atomic_file(out / name) as file:
-                    file.write(task)
-                print(f"sky jobs launch {out / name}")
+            for path in launcher.write_tasks(tasks, Path(args.out)):
+                print(f"sky jobs launch {path}")
         else:
             print("---\n".join(tasks.values()), end="")
         return

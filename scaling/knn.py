@@ -33,12 +33,14 @@ from __future__ import annotations
 
 import functools
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from scaling import ScalingError
+from scaling.rundir import mark, write_json_atomic
 
 DISTANCES = ("l1", "l2", "cosine")
 VOTES = ("majority", "distance")
@@ -260,3 +262,11 @@ def summary(ds, dataset: str, image_size: int, k: int, distance: str, vote_by: s
         devices=jax.device_count(), seed=seed, k=k, distance=distance, vote=vote_by,
         loss="zero-one",
     )  # fmt: skip
+
+
+def write_run(directory: Path, config: dict, summary: dict):
+    """A k-NN result as a run directory (config.json, summary.json), as `scaling report` reads."""
+    directory.mkdir(parents=True, exist_ok=True)
+    mark(directory, "knn")
+    write_json_atomic(directory / "config.json", config)
+    write_json_atomic(directory / "summary.json", summary)

@@ -24,8 +24,10 @@ import re
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 from scaling import ScalingError
+from scaling.rundir import atomic_file, check_writable
 
 RUNTIME = "tpu-ubuntu2204-base"
 SOURCE_ARCHIVE = "scaling-src.tar.gz"
@@ -224,3 +226,17 @@ setup: {q("python3 -m pip install -q -e '.[tpu]'")}
 run: {q(run)}
 """
     return tasks
+
+
+def write_tasks(tasks: dict[str, str], out: Path) -> list[Path]:
+    """Write the task files into `out`; a file there of other content (yours) is never written
+    over: refused, before any write. Returns the paths."""
+    check_writable(out, "--out")
+    for name, task in tasks.items():
+        if (out / name).exists() and (out / name).read_text(errors="replace") != task:
+            raise ScalingError(f"{out / name} exists with other content; move it away")
+    out.mkdir(parents=True, exist_ok=True)
+    for name, task in tasks.items():
+        with atomic_file(out / name) as file:
+            file.write(task)
+    return [out / name for name in tasks]

@@ -36,6 +36,30 @@ def save(model, name: str, settings: dict, out, source: str) -> Path:
     return out
 
 
+def import_weights(path, name: str, out, *, kind=None, image_size=None, settings=None):
+    """Convert the reference checkpoint at `path` (`scaling.convert`; `kind` its naming, else
+    detected) into model `name` and save it to the new directory `out`. Every check comes
+    before the checkpoint is read. Returns (the model, the naming read, the tensor count)."""
+    from scaling import convert
+
+    settings = dict(settings or {})
+    models.abstract(name, **settings)  # a bad name or setting
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ScalingError(f"{out} exists and is not an empty directory; choose a new --out")
+    tensors = convert.read(path)
+    source = kind or convert.detect_source(tensors)
+    model = convert.import_model(name, tensors, source=source, image_size=image_size, **settings)
+    settings["num_classes"] = model.head.out_features
+    # What the importer read off the checkpoint, so that `init_from` rebuilds the same model:
+    # ViT and CoAtNet are built for one resolution, a ViT pools or not, a CoAtNet has a layout.
+    for key in ("image_size", "pool", "layout"):
+        if (value := getattr(model, key, None)) is not None:
+            settings[key] = value
+    save(model, name, settings, out, source)
+    return model, source, len(tensors)
+
+
 def describe(directory) -> dict:
     """The manifest of an imported-weights directory: {model, settings, source}."""
     path = Path(directory) / MANIFEST

@@ -444,6 +444,25 @@ def progress(records: dict, parallel: int = 1, width: int = 20) -> str:
     return line
 
 
+def status(workdir: Path) -> list[str]:
+    """What a sweep directory holds, read from its index and the trials' metrics (no JAX): the
+    progress line, then the step of each running trial and the error of each failed one."""
+    from scaling.results import progress as last_record  # results imports this module
+
+    if not (workdir / "trials.jsonl").is_file():
+        raise ScalingError(f"{workdir} is not a sweep directory (no trials.jsonl)")
+    records = read_index(workdir)
+    running = sum(r.get("state") == "running" for r in records.values())
+    lines = [f"{workdir}: {progress(records, parallel=max(1, running))}"]
+    for name, record in records.items():
+        if record.get("state") == "running":
+            step = last_record(workdir / name / "metrics.jsonl").get("step", 0)
+            lines.append(f"  running  {name}: step {step}")
+        elif record.get("state") in ("failed", "diverged"):
+            lines.append(f"  {record['state']:<8} {name}: {record.get('error')}")
+    return lines
+
+
 def is_time(value) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 

@@ -25,15 +25,8 @@ they follow the authors' later MaxViT code release):
 - a downsampling MBConv strides its depthwise 3x3 conv (`stride_on='depthwise'`), convolutions
   pad symmetrically (`padding='symmetric'`), LayerNorms use epsilon 1e-6 and BatchNorms 1e-5.
 With these defaults `coatnet_0` computes timm's `coatnet_0_224` (tests/test_reference.py).
-`stride_on='expansion'` strides the first 1x1 conv instead, the literal reading of the paper's
-downsampling equation (its Eq. 5 applies the stride-2 "Conv" to the whole MBConv branch, and
-MBConv's first conv is the 1x1 expansion); it runs the expansion at a quarter of the pixels of
-a stage's first block and was this library's default before timm's was adopted.
-These give CoAtNet-0..4 25,036,820 / 42,225,776 / 74,701,256 / 167,003,320 / 275,462,344
-parameters and 4.55 / 8.64 / 16.48 / 36.57 / 62.43 GMACs at 224; with `stride_on='expansion'`
-4.14 / 8.24 / 15.55 / 34.49 / 60.35 (the paper: 25 / 42 / 75 / 168 / 275M and 4.2 / 8.4 / 15.7 /
-34.7 G for CoAtNet-0..3; its FLOPs are multiply-adds, and attention's two matrix products are
-counted here).
+`stride_on='expansion'` strides the 1x1 expansion instead: the paper's literal Eq. 5, whose
+multiply-adds it matches (counts and MACs of every size: docs/models.md).
 
 The relative-bias tables are sized by each stage's feature map, so the network is built for one
 resolution (`image_size`); `resize(model, image_size)` returns it at another, each table
@@ -111,20 +104,8 @@ class MBConv(nnx.Module):
     """Pre-norm inverted bottleneck with squeeze-excitation; the depthwise conv strides (or the
     first 1x1 conv, `stride_on='expansion'`)."""
 
-    def __init__(
-        self,
-        cin,
-        cout,
-        stride,
-        *,
-        expansion,
-        se_ratio,
-        stride_on,
-        padding,
-        stochastic_depth,
-        dtype,
-        rngs,
-    ):
+    def __init__(self, cin, cout, stride, *, expansion, se_ratio, stride_on, padding,
+                 stochastic_depth, dtype, rngs):  # fmt: skip
         hidden = expansion * cout  # expansion on the output channels (see the module docstring)
         self.stride = stride
         on_expansion = stride_on == "expansion"
@@ -301,29 +282,13 @@ def plan(layout, depths, dims, image_size, small_images, settings):
 
 def make_block(kind, cin, cout, stride, grid, *, rate, settings, dtype, rngs):
     if kind == "C":
-        return MBConv(
-            cin,
-            cout,
-            stride,
-            expansion=settings["expansion"],
-            se_ratio=settings["se_ratio"],
-            stride_on=settings["stride_on"],
-            padding=settings["padding"],
-            stochastic_depth=rate,
-            dtype=dtype,
-            rngs=rngs,
-        )
-    return TransformerBlock(
-        cin,
-        cout,
-        stride,
-        (grid, grid),
-        head_size=settings["head_size"],
-        stochastic_depth=rate,
-        dropout=settings["attention_dropout"],
-        dtype=dtype,
-        rngs=rngs,
-    )
+        return MBConv(cin, cout, stride, expansion=settings["expansion"],
+                      se_ratio=settings["se_ratio"], stride_on=settings["stride_on"],
+                      padding=settings["padding"], stochastic_depth=rate, dtype=dtype,
+                      rngs=rngs)  # fmt: skip
+    return TransformerBlock(cin, cout, stride, (grid, grid), head_size=settings["head_size"],
+                            stochastic_depth=rate, dropout=settings["attention_dropout"],
+                            dtype=dtype, rngs=rngs)  # fmt: skip
 
 
 class Stem(nnx.Module):
