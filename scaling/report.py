@@ -106,6 +106,17 @@ def figure(name):
     return plt.subplots(1, {"heatmap": 2, "pareto": 4}.get(name, 1), figsize=SIZES[name], dpi=DPI)
 
 
+MAX_LEGEND = 16  # more names than this would cover the plot; runs.csv names every variant
+
+
+def legend(ax, entries: int, **style):
+    if entries <= MAX_LEGEND:
+        ax.legend(**style)
+    else:
+        ax.text(0.99, 0.01, f"{entries} variants, unlabelled (see runs.csv)", fontsize=8,
+                ha="right", va="bottom", transform=ax.transAxes)  # fmt: skip
+
+
 def save(fig, out: Path, name: str) -> str:
     fig.tight_layout()
     fig.savefig(out / f"{name}.png", dpi=DPI)
@@ -205,7 +216,7 @@ def generalization(done, out):
             ax.annotate(f"{n:,}", xy, fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set(xlabel="training accuracy (capacity)", ylabel="train - test accuracy (gap)",
            title="labels: training examples")  # fmt: skip
-    ax.legend(fontsize=8)
+    legend(ax, done.variant.nunique(), fontsize=8)
     return save(fig, out, "generalization")
 
 
@@ -311,7 +322,7 @@ def curves(df, out):
         plt.close(fig)
         return None
     ax.set(xlabel="step", ylabel="training loss (mean since the previous point)")
-    ax.legend(fontsize=7, ncol=2)
+    legend(ax, len(colors), fontsize=7, ncol=2)
     return save(fig, out, "curves")
 
 
