@@ -14,7 +14,7 @@ import secrets
 from pathlib import Path
 
 from scaling import ScalingError
-from scaling.rundir import is_marked
+from scaling.rundir import atomic_file, is_marked
 
 MODES = ("online", "offline", "disabled")
 
@@ -42,9 +42,10 @@ def check(config):
 def run_id(workdir: Path) -> str:
     """The W&B id of the run in `workdir`: made on its first start, read on every resume."""
     path = workdir / "wandb" / "run-id"
-    if not path.exists():
+    if not path.exists():  # written whole or not at all: a kill never leaves an empty id
         path.parent.mkdir(exist_ok=True)
-        path.write_text(secrets.token_hex(8))
+        with atomic_file(path) as file:
+            file.write(secrets.token_hex(8))
     return path.read_text().strip()
 
 
