@@ -22,11 +22,17 @@ MANIFEST = "pretrained.json"
 HEAD = "head"  # every family's classifier, re-initialised for another number of classes
 
 
-def save(model, name: str, settings: dict, out, source: str) -> Path:
-    """Write `model` (built as `models.create(name, **settings)`) to a new directory `out`."""
+def check_new_directory(out) -> Path:
+    """`out` as a Path, refused when it exists and is not an empty directory."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ScalingError(f"{out} exists and is not an empty directory; choose a new --out")
+    return out
+
+
+def save(model, name: str, settings: dict, out, source: str) -> Path:
+    """Write `model` (built as `models.create(name, **settings)`) to a new directory `out`."""
+    out = check_new_directory(out)
     out.mkdir(parents=True, exist_ok=True)
     _, params, rest = nnx.split(model, nnx.Param, ...)
     with ocp.StandardCheckpointer() as checkpointer:
@@ -44,9 +50,7 @@ def import_weights(path, name: str, out, *, kind=None, image_size=None, settings
 
     settings = dict(settings or {})
     models.abstract(name, **settings)  # a bad name or setting
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ScalingError(f"{out} exists and is not an empty directory; choose a new --out")
+    out = check_new_directory(out)
     tensors = convert.read(path)
     source = kind or convert.detect_source(tensors)
     model = convert.import_model(name, tensors, source=source, image_size=image_size, **settings)

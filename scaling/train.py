@@ -285,9 +285,9 @@ def run(config, workdir: Path, ds, validation, model_settings, total_steps, stop
     # however the run ends: the writer queues events, and only closing writes them all.
     purge = start + 1 if start else None
     board = summary_writer()(str(workdir), purge_step=purge) if is_writer else None
-    wandb_run = tracking.start(config, workdir, json_config(config)) if is_writer else None
-    summary, failed = None, False
-    try:
+    wandb_run, summary, failed = None, None, False
+    try:  # W&B inside: a failing wandb.init still closes the TensorBoard writer
+        wandb_run = tracking.start(config, workdir, json_config(config)) if is_writer else None
         t0 = time.perf_counter()
         wall = lambda: wall_before + time.perf_counter() - t0  # noqa: E731
         end = total_steps if stop_after is None else min(total_steps, start + stop_after)
