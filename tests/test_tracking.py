@@ -1,5 +1,6 @@
 """Weights & Biases in offline mode: what a run logs there equals what it writes itself."""
 
+import importlib.util
 import json
 
 import pytest
@@ -8,11 +9,11 @@ from scaling import ScalingError
 from scaling.rundir import mark, read_json, read_metrics
 from scaling.train import train
 
-wandb = pytest.importorskip("wandb")
-from wandb.proto import wandb_internal_pb2  # noqa: E402
-from wandb.sdk.internal import datastore  # noqa: E402
-
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:wandb")
+# wandb is imported where a test uses it: importing it costs each pytest worker 2 s.
+pytestmark = [
+    pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb is absent"),
+    pytest.mark.filterwarnings("ignore::DeprecationWarning:wandb"),
+]
 
 
 def key(item) -> str:
@@ -21,6 +22,9 @@ def key(item) -> str:
 
 def offline_records(workdir):
     """(run records, history rows, summary updates) of every offline W&B run file in `workdir`."""
+    from wandb.proto import wandb_internal_pb2
+    from wandb.sdk.internal import datastore
+
     runs, history, summary = [], [], {}
     for path in sorted((workdir / "wandb").glob("offline-run-*/run-*.wandb")):
         store = datastore.DataStore()
