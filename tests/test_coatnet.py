@@ -198,9 +198,10 @@ def digits():
 
 @pytest.mark.slow
 def test_each_layout_learns_digits(digits):
-    """30 Adam steps for each of the four layouts, like the trainer's step (which VIT_REL goes
-    through above). The four models are trained side by side by one jitted step, on the sum of
-    their losses: each gets only its own gradient, and one compilation costs less than four."""
+    """30 Adam steps of 32 images for each of the four layouts, like the trainer's step (which
+    VIT_REL goes through above). The four models are trained side by side by one jitted step,
+    on the sum of their losses: each gets only its own gradient, and one compilation costs less
+    than four."""
     layouts = ("CCCC", "CCCT", "CCTT", "CTTT")
     graphdefs, params, rest = {}, {}, {}
     for layout in layouts:
@@ -232,13 +233,14 @@ def test_each_layout_learns_digits(digits):
     images, labels = digits
     opt_state, history = tx.init(params), []
     for i in range(30):
-        batch = np.arange(64 * i, 64 * (i + 1)) % len(labels)
+        batch = np.arange(32 * i, 32 * (i + 1)) % len(labels)
         params, rest, opt_state, losses = step(
             params, rest, opt_state, images[batch], labels[batch]
         )
         history.append(losses)
     first = {k: np.mean([float(h[k]) for h in history[:5]]) for k in layouts}
     last = {k: np.mean([float(h[k]) for h in history[-5:]]) for k in layouts}
+    # measured: CCCC 2.09 -> 0.32, CCCT 2.28 -> 0.72, CCTT 2.50 -> 1.19, CTTT 2.46 -> 1.49
     assert all(last[k] < 0.8 * first[k] for k in layouts), (first, last)
 
 

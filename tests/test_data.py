@@ -3,6 +3,7 @@
 import os
 import re
 import shutil
+import subprocess
 import tarfile
 import time
 from pathlib import Path
@@ -501,8 +502,7 @@ def test_cifar10_jpeg_archive(cifar, tmp_path_factory):
     assert warm < cold
     # Streamed from the extracted tree: the same examples, order and labels as in memory.
     tree = tmp_path_factory.mktemp("cifar-tree")
-    with tarfile.open(CIFAR) as archive:
-        archive.extractall(tree, filter="data")
+    subprocess.run(["tar", "-xzf", CIFAR, "-C", tree], check=True)  # 3.6 s; Python's tarfile: 9.6
     stream = data.open_stream(f"folder:{tree}", 32)
     assert np.array_equal(stream.train_labels, ds.train_labels)
     assert np.array_equal(stream.test_labels, ds.test_labels)
@@ -515,7 +515,7 @@ def test_cifar10_jpeg_archive(cifar, tmp_path_factory):
 def test_cifar10_as_a_real_tfds_dataset_trains_like_the_folder(cifar, tmp_path, monkeypatch):
     """CIFAR-10 written as array_record by TFDS's builder, read by name from its data directory
     with `tfds.data_source`: the same images, labels and counts as `folder:`, and a run trains
-    from `tfds:NAME` on all of it. Every fifth image of each split: TFDS writes and reads about
+    from `tfds:NAME` on all of it. Every 25th image of each split: TFDS writes and reads about
     3,000 examples a second here, so all 60,000 would add a minute to the suite."""
     import dataclasses
 
@@ -525,14 +525,14 @@ def test_cifar10_as_a_real_tfds_dataset_trains_like_the_folder(cifar, tmp_path, 
 
     full = cifar[0]
     splits = ("train_images", "train_labels", "test_images", "test_labels")
-    ds = dataclasses.replace(full, **{k: getattr(full, k)[::5] for k in splits})
+    ds = dataclasses.replace(full, **{k: getattr(full, k)[::25] for k in splits})
     tfds_export.export(ds, "cifar10_folder", tmp_path / "tfds")
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
     builder = tfds.builder("cifar10_folder", data_dir=str(tmp_path / "tfds"))
     assert builder.info.features["label"].names == list(CIFAR_CLASSES)
     records = builder.as_data_source(split="train")
-    assert len(records) == 10_000
-    for i in range(0, 10_000, 997):
+    assert len(records) == 2_000
+    for i in range(0, 2_000, 97):
         record = records[i]  # TFDS keeps its own order; `id` is the index in the folder's
         assert np.array_equal(record["image"], ds.train_images[record["id"]])
         assert record["label"] == ds.train_labels[record["id"]]
@@ -547,6 +547,6 @@ def test_cifar10_as_a_real_tfds_dataset_trains_like_the_folder(cifar, tmp_path, 
                          "image_size=32,steps=2,batch_size=64")  # fmt: skip
     config.stream = True
     summary = train.train(config, tmp_path / "run")
-    assert (summary["train_examples"], summary["num_classes"]) == (10_000, 10)
+    assert (summary["train_examples"], summary["num_classes"]) == (2_000, 10)
     with pytest.raises(ScalingError, match="exists"):
         tfds_export.export(ds, "cifar10_folder", tmp_path / "tfds")

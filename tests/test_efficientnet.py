@@ -350,12 +350,12 @@ def test_digits_learns(tmp_path):
     # give usable statistics for evaluation. The depthwise kernels it trains with (oneDNN's where
     # present) are held to XLA's convolution by test_depthwise_fast_forms_are_xla_convolution.
     config = load_config(
-        f"{TRAIN_CONFIG}:model=efficientnet_cifar,image_size=16,steps=30,batch_size=64,lr=0.02"
+        f"{TRAIN_CONFIG}:model=efficientnet_cifar,image_size=16,steps=30,batch_size=32,lr=0.02"
     )
     config.model.update(dict(width_coefficient=0.5, depth_coefficient=0.25, bn_momentum=0.9))
     config.augment = "none"
     config.log_every = 5
     summary = train(config, tmp_path / "run")
     losses = [r["loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
-    assert losses[-1] < 0.3 * losses[0]  # measured: 2.86 -> 0.13
-    assert summary["test_accuracy"] > 0.4  # chance is 0.1; measured 0.62
+    assert losses[-1] < 0.3 * losses[0]  # measured: 3.14 -> 0.31
+    assert summary["test_accuracy"] > 0.4  # chance is 0.1; measured 0.86

@@ -38,6 +38,15 @@ def uninterrupted(tmp_path_factory):
     return summary, read_metrics(workdir / "metrics.jsonl")
 
 
+@pytest.fixture(scope="module")
+def stopped(tmp_path_factory):
+    """A copy, at the path given, of one run stopped at step 10 (checkpoints at steps 4, 8 and
+    10), trained once for the module."""
+    original = tmp_path_factory.mktemp("stopped") / "run"
+    assert train(tiny(), original, stop_after=10) is None
+    return lambda workdir: shutil.copytree(original, workdir)
+
+
 def start(workdir):
     return subprocess.Popen(
         [sys.executable, "-m", "scaling.cli", "train", *ARGS, "--workdir", str(workdir)],
@@ -113,9 +122,8 @@ def test_sigterm_checkpoints_and_exits(tmp_path, uninterrupted):
     same_run(workdir, uninterrupted)
 
 
-def test_damaged_checkpoint_falls_back(tmp_path, uninterrupted, capsys):
-    workdir = tmp_path / "run"
-    assert train(tiny(), workdir, stop_after=10) is None  # checkpoints at steps 4, 8 and 10
+def test_damaged_checkpoint_falls_back(tmp_path, uninterrupted, stopped, capsys):
+    workdir = stopped(tmp_path / "run")
     latest = workdir / "checkpoints" / "10"
     for f in latest.rglob("*"):
         if f.is_file() and f.stat().st_size > 0:
@@ -256,9 +264,8 @@ def test_overwrite_refuses_a_directory_it_did_not_create(tmp_path, monkeypatch):
     assert tree(tmp_path) == before
 
 
-def test_overwrite_clears_only_what_the_run_wrote(tmp_path):
-    workdir = tmp_path / "run"
-    train(tiny(), workdir, stop_after=4)
+def test_overwrite_clears_only_what_the_run_wrote(tmp_path, stopped):
+    workdir = stopped(tmp_path / "run")
     (workdir / "notes.md").write_text("my notes")
     config = tiny()
     config.lr = 0.05
@@ -270,9 +277,8 @@ def test_overwrite_clears_only_what_the_run_wrote(tmp_path):
     assert steps == list(range(2, 25, 2))  # the old run's records are gone
 
 
-def test_overwrite_never_clears_the_current_directory(tmp_path, monkeypatch):
-    workdir = tmp_path / "run"
-    train(tiny(), workdir, stop_after=4)
+def test_overwrite_never_clears_the_current_directory(tmp_path, monkeypatch, stopped):
+    workdir = stopped(tmp_path / "run")
     before = tree(workdir)
     config = tiny()
     config.lr = 0.05
@@ -282,9 +288,8 @@ def test_overwrite_never_clears_the_current_directory(tmp_path, monkeypatch):
     assert tree(workdir) == before
 
 
-def test_stray_and_incomplete_checkpoints_are_skipped_not_deleted(tmp_path, uninterrupted):
-    workdir = tmp_path / "run"
-    assert train(tiny(), workdir, stop_after=10) is None  # checkpoints at steps 4, 8 and 10
+def test_stray_and_incomplete_checkpoints_are_skipped_not_deleted(tmp_path, uninterrupted, stopped):
+    workdir = stopped(tmp_path / "run")
     (workdir / "checkpoints" / "25").mkdir()  # an empty step directory: never committed
     (workdir / "checkpoints" / "notes.txt").write_text("mine")
     out = scaling_cli_in(ROOT, "train", "--workdir", str(workdir))
@@ -320,9 +325,8 @@ def test_a_checkpoint_that_does_not_fit_is_kept_and_named(tmp_path, digits_tree)
     assert tree(workdir) == before
 
 
-def test_a_corrupted_checkpoint_is_detected_and_the_previous_used(tmp_path, uninterrupted):
-    workdir = tmp_path / "run"
-    assert train(tiny(), workdir, stop_after=10) is None
+def test_a_corrupted_checkpoint_is_detected_and_the_previous_used(tmp_path, uninterrupted, stopped):
+    workdir = stopped(tmp_path / "run")
     chunks = (workdir / "checkpoints" / "10").rglob("*")
     biggest = max((p for p in chunks if p.is_file()), key=lambda p: p.stat().st_size)
     data = bytearray(biggest.read_bytes())
@@ -337,9 +341,8 @@ def test_a_corrupted_checkpoint_is_detected_and_the_previous_used(tmp_path, unin
     same_run(workdir, uninterrupted)
 
 
-def test_one_writer_per_run_directory(tmp_path):
-    workdir = tmp_path / "run"
-    train(tiny(), workdir, stop_after=4)
+def test_one_writer_per_run_directory(tmp_path, stopped):
+    workdir = stopped(tmp_path / "run")
     before = tree(workdir)
     with rundir.lock(workdir):  # as a trainer running in it would hold it
         out = scaling_cli_in(ROOT, "train", "--workdir", str(workdir))

@@ -109,29 +109,36 @@ def test_workdir_with_another_config_is_refused(tmp_path, tiny_config):
     assert train(tiny_config(lr=0.5), tmp_path, overwrite=True)["config"]["lr"] == 0.5
 
 
+def devices_crops_and_losses():
+    """A short run's device count and losses, and a batch's random crops and flips, on every
+    device this process has (the batches gathered on them where there are eight)."""
+    import tempfile
+
+    import jax
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    config = load_config(f"{TRAIN_CONFIG}:model=resnet8,image_size=16,steps=12,batch_size=64")
+    config.lr, config.log_every = 0.01, 1
+    config.data_on_device = jax.device_count() == 8
+    with tempfile.TemporaryDirectory() as d:
+        summary = train(config, d)
+        run_losses = [r["loss"] for r in read_metrics(f"{d}/metrics.jsonl") if "loss" in r]
+    axis = jax.sharding.AxisType.Auto
+    mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(axis,))
+    images = np.random.default_rng(0).integers(0, 255, (64, 16, 16, 3)).astype(np.uint8)
+    images = jax.device_put(images, NamedSharding(mesh, P("data")))
+    crops = jax.jit(augment, static_argnums=2)(images, jax.random.key(1), "crop_flip")
+    return [summary["devices"], np.asarray(crops).tolist(), run_losses]
+
+
 @pytest.mark.slow
 def test_one_device_equals_eight_devices():
-    code = """
-import json, tempfile
-import jax, numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
-from scaling.config import load_config
-from scaling.rundir import read_metrics
-from scaling.steps import augment
-from scaling.train import train
-config = load_config('configs/train.py:model=resnet8,image_size=16,steps=12,batch_size=64,lr=0.01')
-config.log_every = 1
-config.data_on_device = jax.device_count() == 8  # batches gathered on the devices, sharded
-with tempfile.TemporaryDirectory() as d:
-    summary = train(config, d)
-    losses = [r['loss'] for r in read_metrics(d + '/metrics.jsonl') if 'loss' in r]
-mesh = jax.make_mesh((jax.device_count(),), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
-images = np.random.default_rng(0).integers(0, 255, (64, 16, 16, 3)).astype(np.uint8)
-images = jax.device_put(images, NamedSharding(mesh, P('data')))
-crops = jax.jit(augment, static_argnums=2)(images, jax.random.key(1), 'crop_flip')
-print(json.dumps([summary['devices'], np.asarray(crops).tolist(), losses]))
-"""
-    one = json.loads(run_python(code, devices=1).splitlines()[-1])
+    one = devices_crops_and_losses()  # this process has one device
+    code = (
+        "import json, sys; sys.path.insert(0, 'tests'); import test_train; "
+        "print(json.dumps(test_train.devices_crops_and_losses()))"
+    )
     eight = json.loads(run_python(code, devices=8).splitlines()[-1])
     assert one[0] == 1 and eight[0] == 8
     assert one[1] == eight[1]  # the random crops and flips do not depend on the sharding
