@@ -8,9 +8,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -d $(VENV) || python3 -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	# --no-compile: Python compiles a module when it is first imported; pip compiling every
-	# installed module up front took 27 of the install's 50 s.
-	$(BIN)/python -m pip install -q --no-compile -e '.[test,cpu,sky,slurm,wandb]'
+	$(BIN)/python -m pip install -q -e '.[test,cpu,sky,slurm,wandb]'
 	touch $(STAMP)
 
 # The main job in miniature: a WRN width x depth sweep (6 trials) on scikit-learn's digits at
