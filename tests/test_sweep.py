@@ -164,9 +164,9 @@ def test_failing_trial_does_not_stop_the_others(tmp_path, capsys):
     assert diverged["state"] == "diverged" and "loss became" in diverged["error"]
     assert "1 done, 1 failed, 1 diverged" in out.stdout
     assert "best: name=resnet8 (test accuracy" in out.stdout
-    with pytest.raises(SystemExit):  # in this process: no trainer to start
+    with pytest.raises(SystemExit) as end:  # in this process: no trainer to start
         cli.main(args[3:])
-    assert "0 to run" in capsys.readouterr().out  # failed trials wait for --retry-failed
+    assert end.value.code == 1 and "0 to run" in capsys.readouterr().out  # until --retry-failed
     retry = subprocess.run([*args, "--retry-failed"], cwd=ROOT, capture_output=True, text=True)
     assert "2 to run" in retry.stdout and "name=resnet9: failed" in retry.stdout
 
