@@ -103,7 +103,7 @@ def test_import_command_and_fine_tuning_from_it(tmp_path, capsys):
     summary = train(config, tmp_path / "run")
     assert "classifier is re-initialised for 10 classes" in capsys.readouterr().out
     losses = [r["loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
-    # Random weights, not trained ones: 3.3 -> 1.5 and 54% test accuracy (chance is 10%).
+    # Random weights, not trained ones: 3.35 -> 1.75 and 42% test accuracy (chance is 10%).
     assert losses[-1] < 0.6 * losses[0] and summary["test_accuracy"] > 0.3
 
     model = initialised(models.abstract("resnet18", num_classes=10))
