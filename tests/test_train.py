@@ -1,6 +1,7 @@
 """The trainer: it learns, resumes exactly, parallelises exactly, and refuses bad settings."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import optax
@@ -123,7 +124,7 @@ def devices_crops_and_losses():
     config.data_on_device = jax.device_count() == 8
     with tempfile.TemporaryDirectory() as d:
         summary = train(config, d)
-        run_losses = [r["loss"] for r in read_metrics(f"{d}/metrics.jsonl") if "loss" in r]
+        run_losses = losses(Path(d))
     axis = jax.sharding.AxisType.Auto
     mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(axis,))
     images = np.random.default_rng(0).integers(0, 255, (64, 16, 16, 3)).astype(np.uint8)
